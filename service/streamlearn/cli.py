@@ -1,0 +1,204 @@
+"""The `streamlearn` command: parses flags into settings and calls the modules that do the work.
+
+Flags are generated from the settings models in config.py, so every flag is documented once
+and is also an environment variable. User errors print one line and exit non-zero.
+"""
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import typing
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from pydantic import BaseModel, ValidationError
+
+from streamlearn import __version__
+from streamlearn.config import BrokerSettings, ProduceSettings, ServeSettings, TrainSettings, UpSettings
+from streamlearn.errors import StreamlearnError
+
+log = logging.getLogger("streamlearn")
+
+
+class UsageError(Exception):
+    """The command line itself is wrong (unknown flag, missing command)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _stop_event() -> threading.Event:
+    """An event set by SIGINT or SIGTERM; the handlers only set it."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def run_broker(settings: BrokerSettings) -> int:
+    from streamlearn.broker import EmbeddedBroker
+
+    stop = _stop_event()
+    broker = EmbeddedBroker(settings.host, settings.port, settings.broker_bin).start(output=None)
+    print(f"embedded Kafka-compatible broker listening on {broker.bootstrap} (memory storage; Ctrl-C stops)")
+    try:
+        while not stop.wait(0.5):
+            if broker.process is not None and broker.process.poll() is not None:
+                print(f"the broker exited with code {broker.process.returncode}", file=sys.stderr)
+                return 1
+    finally:
+        broker.stop()
+    return 0
+
+
+def run_train(settings: TrainSettings) -> int:
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from streamlearn import kafka
+    from streamlearn.broker import ensure_port_free
+    from streamlearn.metrics import TrainerMetrics
+    from streamlearn.pipeline import Pipeline
+    from streamlearn.snapshots import SnapshotStore
+
+    SnapshotStore(settings.snapshot_dir).ensure_writable()
+    if settings.metrics_port:
+        ensure_port_free(settings.metrics_host, settings.metrics_port, "trainer metrics")
+    kafka.check_reachable(settings.bootstrap, settings.kafka)
+    registry = CollectorRegistry()
+    pipeline = Pipeline(settings, TrainerMetrics(registry))
+    pipeline.restore()
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, settings.metrics_host, registry)
+    signal.signal(signal.SIGTERM, pipeline.stop)
+    signal.signal(signal.SIGINT, pipeline.stop)
+    pipeline.run()
+    return 0
+
+
+def run_serve(settings: ServeSettings) -> int:
+    import uvicorn
+
+    from streamlearn.broker import ensure_port_free
+    from streamlearn.server import create_app
+
+    ensure_port_free(settings.host, settings.port, "prediction server")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def run_produce(settings: ProduceSettings) -> int:
+    from streamlearn.produce import publish
+
+    stop = _stop_event()
+    sent = publish(settings, stopped=stop.is_set)
+    print(f"published {sent} records to {settings.topic}")
+    return 0
+
+
+def run_up(settings: UpSettings) -> int:
+    from streamlearn.up import run_up as supervise
+
+    return supervise(settings)
+
+
+COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], int], str]] = {
+    "broker": (BrokerSettings, run_broker, "run the embedded Kafka-compatible broker in the foreground"),
+    "train": (TrainSettings, run_train, "learn continuously from a topic and write snapshots"),
+    "serve": (ServeSettings, run_serve, "serve predictions from the newest snapshots (KServe V1)"),
+    "produce": (ProduceSettings, run_produce, "publish a synthetic, drifting demo stream"),
+    "up": (UpSettings, run_up, "start everything on this machine: broker, trainer, server (and a demo)"),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    for name, field in model.model_fields.items():
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("cli") is False:
+            continue
+        default = "required" if field.is_required() else f"default: {_shown(field.default)}"
+        help_text = f"{field.description} [{default}; env STREAMLEARN_{name.upper()}]"
+        if field.annotation is bool:
+            parser.add_argument(
+                _flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
+            continue
+        choices = _choices(field.annotation)
+        metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
+        parser.add_argument(_flag(name), metavar=metavar, default=argparse.SUPPRESS, help=help_text)
+
+
+def _choices(annotation: Any) -> list[str]:
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(arg) for arg in typing.get_args(annotation)]
+    return []
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="streamlearn", description="Real-time learning from Kafka streams, served over HTTP."
+    )
+    parser.add_argument("--version", action="version", version=f"streamlearn {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (model, _run, summary) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=f"{summary}.")
+        _add_flags(sub, model)
+    return parser
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not first["loc"]:
+        return message
+    name = str(first["loc"][0])
+    if first["type"] == "missing":
+        return f"{_flag(name)} is required (or set STREAMLEARN_{name.upper()})"
+    return f"{_flag(name)}: {message}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    command = "streamlearn"
+    try:
+        args = vars(parser.parse_args(argv))
+        command = args.pop("command") or ""
+        if not command:
+            raise UsageError(f"streamlearn: choose a command: {', '.join(COMMANDS)} (see --help)")
+        model, run, _summary = COMMANDS[command]
+        try:
+            settings = model(**args)
+        except ValidationError as exc:
+            raise UsageError(f"streamlearn {command}: {_one_line(exc)}") from None
+        logging.basicConfig(
+            level=getattr(settings, "log_level", "info").upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        return run(settings)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except StreamlearnError as exc:
+        print(f"streamlearn {command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

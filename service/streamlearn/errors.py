@@ -1,0 +1,75 @@
+"""Every error Streamlearn raises on purpose descends from StreamlearnError.
+
+The CLI prints a StreamlearnError as one line and exits non-zero; the server maps the
+request-level ones to 4xx responses in one place (server.py).
+"""
+
+from enum import StrEnum
+
+
+class StreamlearnError(Exception):
+    """Root of Streamlearn's own errors: the message is written for the user."""
+
+
+class ConfigError(StreamlearnError):
+    """A setting has a value that cannot work."""
+
+
+class BrokerUnavailable(StreamlearnError):
+    """The Kafka bootstrap servers could not be reached."""
+
+
+class KafkaOperationError(StreamlearnError):
+    """A Kafka operation (commit, produce, topic creation) failed for good."""
+
+
+class BrokerBinaryMissing(StreamlearnError):
+    """The embedded broker's binary cannot be found."""
+
+
+class SnapshotError(StreamlearnError):
+    """A snapshot cannot be written or read."""
+
+
+class SnapshotMismatch(SnapshotError):
+    """A snapshot does not fit the model or data it is being loaded into."""
+
+
+class ModelNotFound(StreamlearnError):
+    """No snapshot exists for the requested model name."""
+
+
+class ModelNotReady(StreamlearnError):
+    """The server has not loaded any snapshot yet."""
+
+
+class BadRequest(StreamlearnError):
+    """A prediction request does not fit the served model."""
+
+
+class InvalidReason(StrEnum):
+    """Why a record was rejected: a bounded set, used as a metric label and a DLQ header."""
+
+    EMPTY = "empty"
+    TOO_LARGE = "too_large"
+    NOT_UTF8 = "not_utf8"
+    BAD_JSON = "bad_json"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_FEATURES = "missing_features"
+    BAD_FEATURES = "bad_features"
+    WRONG_LENGTH = "wrong_length"
+    FEATURE_MISMATCH = "feature_mismatch"
+    NON_FINITE = "non_finite"
+    MISSING_LABEL = "missing_label"
+    BAD_LABEL = "bad_label"
+    UNKNOWN_CLASS = "unknown_class"
+    BAD_WEIGHT = "bad_weight"
+
+
+class InvalidRecord(StreamlearnError):
+    """One record (or one predict instance) breaks the record contract."""
+
+    def __init__(self, reason: InvalidReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail

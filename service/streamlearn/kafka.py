@@ -1,0 +1,112 @@
+"""Thin confluent-kafka wrappers: client configuration, reachability, topics, typed errors.
+
+Nothing here knows the broker is Tansu: every interaction is plain Kafka protocol through
+librdkafka, so the same code runs against Apache Kafka or a managed cluster. Extra librdkafka
+properties (security, tuning) come from STREAMLEARN_KAFKA_* and override the defaults below.
+"""
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streamlearn.errors import BrokerUnavailable, KafkaOperationError
+
+log = logging.getLogger(__name__)
+kafka_log = logging.getLogger("streamlearn.librdkafka")
+
+Rebalance = Callable[[Consumer, list[TopicPartition]], None]
+
+
+def client_config(bootstrap: str, overrides: Mapping[str, str], **defaults: Any) -> dict[str, Any]:
+    """librdkafka configuration: our defaults, then the user's STREAMLEARN_KAFKA_* overrides."""
+    return {"bootstrap.servers": bootstrap, "logger": kafka_log, **defaults, **overrides}
+
+
+def check_reachable(bootstrap: str, overrides: Mapping[str, str], timeout_s: float = 10.0) -> None:
+    """Raise BrokerUnavailable unless the cluster answers a metadata request in time."""
+    admin = AdminClient(client_config(bootstrap, overrides))
+    try:
+        admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        raise BrokerUnavailable(
+            f"cannot reach Kafka at {bootstrap} within {timeout_s:g}s ({exc.args[0].str()})"
+        ) from None
+
+
+def ensure_topic(
+    bootstrap: str, overrides: Mapping[str, str], topic: str, partitions: int = 1, timeout_s: float = 10.0
+) -> None:
+    """Create the topic unless it exists already."""
+    admin = AdminClient(client_config(bootstrap, overrides))
+    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    try:
+        futures[topic].result(timeout=timeout_s)
+    except KafkaException as exc:
+        error: KafkaError = exc.args[0]
+        if error.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise KafkaOperationError(f"cannot create topic {topic!r}: {error.str()}") from None
+    except TimeoutError:
+        raise BrokerUnavailable(f"cannot reach Kafka at {bootstrap} to create topic {topic!r}") from None
+
+
+def make_consumer(
+    bootstrap: str,
+    overrides: Mapping[str, str],
+    group: str,
+    start_offset: str,
+    on_error: Callable[[KafkaError], None] | None = None,
+) -> Consumer:
+    """A consumer with manual offsets: nothing is committed or stored unless we say so."""
+    config = client_config(
+        bootstrap,
+        overrides,
+        **{
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": start_offset,
+            "partition.assignment.strategy": "cooperative-sticky",
+            # A restarted trainer rejoins in seconds rather than after librdkafka's 45 s default.
+            "session.timeout.ms": 10_000,
+            "heartbeat.interval.ms": 1_000,
+            "error_cb": on_error or _log_error,
+        },
+    )
+    return Consumer(config)
+
+
+def make_producer(
+    bootstrap: str, overrides: Mapping[str, str], on_error: Callable[[KafkaError], None] | None = None
+) -> Producer:
+    """An idempotent producer that waits for all in-sync replicas."""
+    config = client_config(
+        bootstrap,
+        overrides,
+        **{
+            "acks": "all",
+            "enable.idempotence": True,
+            "linger.ms": 5,
+            "error_cb": on_error or _log_error,
+        },
+    )
+    return Producer(config)
+
+
+def message_error(message: Message) -> KafkaError | None:
+    """The error a consumed message carries, if any; fatal errors are raised."""
+    error = message.error()
+    if error is None or error.code() == KafkaError._PARTITION_EOF:
+        return None
+    if error.fatal():
+        raise KafkaOperationError(f"fatal Kafka error: {error.str()}")
+    return error
+
+
+def _log_error(error: KafkaError) -> None:
+    if error.fatal():
+        log.error("fatal Kafka error: %s", error.str())
+    else:
+        log.warning("Kafka: %s", error.str())

@@ -1,0 +1,148 @@
+"""Every Prometheus metric Streamlearn exports, declared once.
+
+The trainer and the server are separate processes, each with its own registry, so each
+declares only its own group. Names carry the streamlearn_ prefix and their unit; labels are
+bounded (invalid reasons are an enum, partitions belong to one topic, models to one directory).
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from streamlearn.errors import InvalidReason
+
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class TrainerMetrics:
+    """The trainer's metrics: learning, pipeline health and snapshots."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.records_consumed = Counter(
+            "streamlearn_records_consumed_total", "Records read from Kafka.", registry=registry
+        )
+        self.records_trained = Counter(
+            "streamlearn_records_trained_total",
+            "Valid records the model has learned from.",
+            registry=registry,
+        )
+        self.records_invalid = Counter(
+            "streamlearn_records_invalid_total",
+            "Records rejected by the record contract, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in InvalidReason:
+            self.records_invalid.labels(reason.value)  # export zeros so rate() works from the start
+        self.batches_skipped = Counter(
+            "streamlearn_batches_skipped_total",
+            "Micro-batches not learned because their loss or gradient was not finite.",
+            registry=registry,
+        )
+        self.prequential_loss = Gauge(
+            "streamlearn_prequential_loss",
+            "Test-then-train loss: fading average over `window` records, or `all` since start.",
+            ["window"],
+            registry=registry,
+        )
+        self.prequential_accuracy = Gauge(
+            "streamlearn_prequential_accuracy_ratio",
+            "Test-then-train accuracy (classification): fading average over `window` records, or `all`.",
+            ["window"],
+            registry=registry,
+        )
+        self.train_step = Histogram(
+            "streamlearn_train_step_seconds",
+            "Time to test and learn one micro-batch.",
+            buckets=STEP_BUCKETS,
+            registry=registry,
+        )
+        self.batch_records = Histogram(
+            "streamlearn_batch_records",
+            "Records per micro-batch.",
+            buckets=(1, 8, 32, 64, 128, 256, 512, 1024, 4096, 16384),
+            registry=registry,
+        )
+        self.records_per_second = Gauge(
+            "streamlearn_records_per_second",
+            "Records learned per second over the last few seconds.",
+            registry=registry,
+        )
+        self.snapshot_version = Gauge(
+            "streamlearn_snapshot_version",
+            "Version of the newest snapshot this trainer wrote.",
+            registry=registry,
+        )
+        self.snapshot_age = Gauge(
+            "streamlearn_snapshot_age_seconds",
+            "Seconds since this trainer last wrote a snapshot.",
+            registry=registry,
+        )
+        self.snapshot_write = Histogram(
+            "streamlearn_snapshot_write_seconds",
+            "Time to write one snapshot durably.",
+            buckets=STEP_BUCKETS,
+            registry=registry,
+        )
+        self.snapshot_failures = Counter(
+            "streamlearn_snapshot_failures_total", "Snapshot writes that failed.", registry=registry
+        )
+        self.consumer_lag = Gauge(
+            "streamlearn_consumer_lag_records",
+            "Records behind the partition's high watermark.",
+            ["partition"],
+            registry=registry,
+        )
+        self.offsets_committed = Counter(
+            "streamlearn_offset_commits_total", "Offset commits after a durable snapshot.", registry=registry
+        )
+        self.kafka_errors = Counter(
+            "streamlearn_kafka_errors_total", "Errors reported by the Kafka client.", registry=registry
+        )
+
+
+class ServerMetrics:
+    """The prediction server's metrics: requests, latency and the served versions."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.predict_requests = Counter(
+            "streamlearn_predict_requests_total",
+            "Predict requests by model and HTTP status code.",
+            ["model", "code"],
+            registry=registry,
+        )
+        self.predict_latency = Histogram(
+            "streamlearn_predict_latency_seconds",
+            "Time to answer a predict request, body parsing included.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.predict_instances = Counter(
+            "streamlearn_predict_instances_total", "Instances predicted.", ["model"], registry=registry
+        )
+        self.served_version = Gauge(
+            "streamlearn_served_model_version", "Snapshot version being served.", ["model"], registry=registry
+        )
+        self.served_age = Gauge(
+            "streamlearn_served_snapshot_age_seconds",
+            "Seconds since the served snapshot was written.",
+            ["model"],
+            registry=registry,
+        )
+        self.served_records = Gauge(
+            "streamlearn_served_records_trained",
+            "Records the served snapshot had learned from.",
+            ["model"],
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "streamlearn_model_reloads_total", "Snapshots loaded by the server.", ["model"], registry=registry
+        )
+        self.reload_failures = Counter(
+            "streamlearn_model_reload_failures_total",
+            "Snapshots the server could not load (corrupt or mismatched).",
+            ["model"],
+            registry=registry,
+        )

@@ -1,0 +1,56 @@
+"""Publishing a synthetic stream to Kafka at a steady rate (`streamlearn produce`)."""
+
+import logging
+import time
+from collections.abc import Callable
+
+import orjson
+from confluent_kafka import KafkaError, Message
+
+from streamlearn import kafka
+from streamlearn.config import ProduceSettings
+from streamlearn.errors import KafkaOperationError
+from streamlearn.streams import INVALID_VALUES, records
+
+log = logging.getLogger(__name__)
+
+
+def publish(settings: ProduceSettings, stopped: Callable[[], bool] = lambda: False) -> int:
+    """Publish until --count records are delivered or `stopped()`; return how many were sent."""
+    kafka.check_reachable(settings.bootstrap, settings.kafka)
+    producer = kafka.make_producer(settings.bootstrap, settings.kafka)
+    failures: list[str] = []
+
+    def delivered(error: KafkaError | None, _message: Message) -> None:
+        if error is not None:
+            failures.append(error.str())
+
+    source = records(settings.stream, settings.seed, settings.drift_every)
+    started = time.monotonic()
+    sent = 0
+    while not stopped() and (settings.count == 0 or sent < settings.count):
+        if settings.rate:
+            delay = started + sent / settings.rate - time.monotonic()
+            if delay > 0:
+                producer.poll(min(delay, 0.1))
+                continue
+        invalid = settings.invalid_every and (sent + 1) % settings.invalid_every == 0
+        if invalid:
+            value = INVALID_VALUES[(sent // settings.invalid_every) % len(INVALID_VALUES)]
+        else:
+            value = orjson.dumps(next(source))
+        try:
+            producer.produce(settings.topic, value, on_delivery=delivered)
+        except BufferError:  # the local queue is full: let deliveries drain, then try again
+            producer.poll(0.1)
+            continue
+        producer.poll(0)
+        sent += 1
+    remaining = producer.flush(30)
+    if remaining or failures:
+        raise KafkaOperationError(
+            f"{remaining + len(failures)} of {sent} records were not delivered"
+            + (f" (first error: {failures[0]})" if failures else "")
+        )
+    log.info("published %d records to %s", sent, settings.topic)
+    return sent

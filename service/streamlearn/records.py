@@ -1,0 +1,246 @@
+"""The record contract: Kafka message values (UTF-8 JSON) become float32 feature rows and labels.
+
+A value is {"features": [float, ...] | {"name": float, ...}, "label": ..., "weight": float?,
+"ts": epoch-ms?, "id": str?}. A value that breaks the contract is rejected with an
+InvalidReason; it never reaches the model. The same feature rules serve predict requests.
+"""
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from streamlearn.config import Task
+from streamlearn.errors import ConfigError, InvalidReason, InvalidRecord
+
+_NUMBER = (int, float)
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int subclass; a JSON true is not a number in our contract
+    return isinstance(value, _NUMBER) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Length and (for dict features) names and order of the feature vector."""
+
+    n_features: int
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.names and len(self.names) != self.n_features:
+            raise ConfigError("feature names and n_features disagree")
+
+    def row(self, features: Any) -> list[float]:
+        """One feature vector as a list of finite floats, or InvalidRecord saying why not."""
+        if isinstance(features, dict):
+            if not self.names:
+                raise InvalidRecord(
+                    InvalidReason.FEATURE_MISMATCH, "dict features need feature names (--feature-names)"
+                )
+            if features.keys() != set(self.names):
+                missing = sorted(set(self.names) - features.keys())[:3]
+                extra = sorted(features.keys() - set(self.names))[:3]
+                raise InvalidRecord(
+                    InvalidReason.FEATURE_MISMATCH,
+                    f"feature names differ: missing {missing}, unexpected {extra}",
+                )
+            values = [features[name] for name in self.names]
+        elif isinstance(features, list):
+            values = features
+        else:
+            raise InvalidRecord(InvalidReason.BAD_FEATURES, "features must be a list or an object of numbers")
+        if len(values) != self.n_features:
+            raise InvalidRecord(
+                InvalidReason.WRONG_LENGTH, f"expected {self.n_features} features, got {len(values)}"
+            )
+        return _finite_numbers(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_features": self.n_features, "names": list(self.names)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FeatureSpec":
+        return cls(int(data["n_features"]), tuple(data.get("names") or ()))
+
+    @classmethod
+    def infer(cls, features: Any) -> "FeatureSpec":
+        """The spec a first valid record implies: its length, or the sorted keys of its dict."""
+        if isinstance(features, dict) and features:
+            return cls(len(features), tuple(sorted(features)))
+        if isinstance(features, list) and features:
+            return cls(len(features))
+        raise InvalidRecord(InvalidReason.BAD_FEATURES, "features must be a non-empty list or object")
+
+
+def _finite_numbers(values: Sequence[Any]) -> list[float]:
+    for value in values:
+        if not _is_number(value):
+            raise InvalidRecord(InvalidReason.BAD_FEATURES, f"feature {str(value)[:40]!r} is not a number")
+        if not math.isfinite(value):
+            raise InvalidRecord(InvalidReason.NON_FINITE, "features must be finite numbers")
+    return list(values)
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """What a label means for the task: a float, 0/1, or one of K classes."""
+
+    task: Task
+    classes: tuple[str, ...] = ()
+    num_classes: int = 0
+
+    @property
+    def n_outputs(self) -> int:
+        return self.num_classes if self.task == "multiclass" else 1
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.classes:
+            return list(self.classes)
+        return [str(k) for k in range(2 if self.task == "binary" else self.num_classes)]
+
+    @classmethod
+    def create(cls, task: Task, classes: tuple[str, ...] = (), num_classes: int | None = None) -> "LabelSpec":
+        if task == "regression":
+            return cls(task)
+        if task == "binary":
+            return cls(task, classes, 2)
+        return cls(task, classes, num_classes or len(classes))
+
+    def value(self, label: Any) -> float | int:
+        """The label as a float (regression, binary) or a class index (multiclass)."""
+        if label is None:
+            raise InvalidRecord(InvalidReason.MISSING_LABEL, "label is missing")
+        if self.task == "regression":
+            if not _is_number(label):
+                raise InvalidRecord(InvalidReason.BAD_LABEL, "regression label must be a number")
+            if not math.isfinite(label):
+                raise InvalidRecord(InvalidReason.NON_FINITE, "label must be finite")
+            return float(label)
+        if isinstance(label, bool):
+            if self.task == "binary":
+                return int(label)
+            raise InvalidRecord(InvalidReason.BAD_LABEL, "multiclass label must be a class index or name")
+        if isinstance(label, str):
+            if label in self.classes:
+                return self.classes.index(label)
+            raise InvalidRecord(InvalidReason.UNKNOWN_CLASS, f"unknown class {label[:40]!r}")
+        if _is_number(label) and math.isfinite(label) and float(label).is_integer():
+            index = int(label)
+            if 0 <= index < self.num_classes:
+                return index
+            raise InvalidRecord(
+                InvalidReason.UNKNOWN_CLASS, f"class index {index} not in 0..{self.num_classes - 1}"
+            )
+        raise InvalidRecord(InvalidReason.BAD_LABEL, f"label {str(label)[:40]!r} is not a valid class")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "classes": list(self.classes), "num_classes": self.num_classes}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LabelSpec":
+        return cls(data["task"], tuple(data.get("classes") or ()), int(data.get("num_classes") or 0))
+
+
+@dataclass
+class Rejected:
+    """A record that broke the contract: its position in the decoded batch and why."""
+
+    index: int
+    reason: InvalidReason
+    detail: str
+
+
+@dataclass
+class DecodedBatch:
+    """The valid records of a micro-batch as arrays, and the rejected ones."""
+
+    features: np.ndarray  # float32 [n, n_features]
+    labels: np.ndarray  # float32 [n] (regression, binary) or int64 [n] (multiclass)
+    weights: np.ndarray  # float32 [n]
+    rejected: list[Rejected] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def parse_json(value: bytes | None, max_bytes: int) -> dict[str, Any]:
+    """A message value as a JSON object, or InvalidRecord."""
+    if not value:
+        raise InvalidRecord(InvalidReason.EMPTY, "value is empty or null")
+    if len(value) > max_bytes:
+        raise InvalidRecord(
+            InvalidReason.TOO_LARGE, f"value has {len(value)} bytes, the limit is {max_bytes}"
+        )
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        data = _parse_lenient(value)
+    if not isinstance(data, dict):
+        raise InvalidRecord(InvalidReason.NOT_AN_OBJECT, "value must be a JSON object")
+    return data
+
+
+def _parse_lenient(value: bytes) -> Any:
+    """Tell non-UTF-8, NaN/Infinity literals and plain bad JSON apart, after orjson refused the value."""
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRecord(InvalidReason.NOT_UTF8, "value is not UTF-8") from None
+    try:
+        # Python's json accepts NaN and Infinity, which orjson rejects; they fail later as non_finite.
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRecord(InvalidReason.BAD_JSON, f"value is not JSON: {str(exc)[:80]}") from None
+
+
+class RecordDecoder:
+    """Decodes micro-batches of message values; fixes the feature spec from the first valid record."""
+
+    def __init__(self, labels: LabelSpec, features: FeatureSpec | None = None, max_bytes: int = 1_000_000):
+        self.labels = labels
+        self.features = features
+        self.max_bytes = max_bytes
+
+    def decode(self, values: Sequence[bytes | None]) -> DecodedBatch:
+        rows: list[list[float]] = []
+        targets: list[float | int] = []
+        weights: list[float] = []
+        rejected: list[Rejected] = []
+        for index, value in enumerate(values):
+            try:
+                row, target, weight = self._decode_one(value)
+            except InvalidRecord as exc:
+                rejected.append(Rejected(index, exc.reason, exc.detail))
+                continue
+            rows.append(row)
+            targets.append(target)
+            weights.append(weight)
+        width = self.features.n_features if self.features else 0
+        label_dtype = np.int64 if self.labels.task == "multiclass" else np.float32
+        return DecodedBatch(
+            features=np.array(rows, dtype=np.float32).reshape(len(rows), width),
+            labels=np.array(targets, dtype=label_dtype),
+            weights=np.array(weights, dtype=np.float32),
+            rejected=rejected,
+        )
+
+    def _decode_one(self, value: bytes | None) -> tuple[list[float], float | int, float]:
+        record = parse_json(value, self.max_bytes)
+        if "features" not in record or record["features"] is None:
+            raise InvalidRecord(InvalidReason.MISSING_FEATURES, "features are missing")
+        spec = self.features or FeatureSpec.infer(record["features"])
+        row = spec.row(record["features"])
+        target = self.labels.value(record.get("label"))
+        weight = record.get("weight", 1.0)
+        if not _is_number(weight) or not math.isfinite(weight) or weight < 0:
+            raise InvalidRecord(InvalidReason.BAD_WEIGHT, "weight must be a finite number >= 0")
+        if self.features is None:
+            self.features = spec  # the first valid record fixes the feature vector for good
+        return row, target, float(weight)

@@ -1,0 +1,143 @@
+"""The server's view of the snapshot directory: the newest loadable snapshot of every model.
+
+A reload builds the new model completely, then replaces the registry's mapping in a single
+assignment; a request takes one ServedModel at its start and uses only it, so no request ever
+sees a mix of two versions.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamlearn.errors import BadRequest, InvalidRecord, ModelNotFound, ModelNotReady, SnapshotError
+from streamlearn.metrics import ServerMetrics
+from streamlearn.models import ModelSpec, OnlineModel, build_model
+from streamlearn.snapshots import Snapshot, SnapshotStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One loaded snapshot, ready to predict."""
+
+    name: str
+    version: int
+    model: OnlineModel
+    meta: dict[str, Any]
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Snapshot) -> "ServedModel":
+        if snapshot.meta.get("model") is None:
+            raise SnapshotError(f"snapshot {snapshot.model_name} v{snapshot.version} holds no model yet")
+        model = build_model(ModelSpec.from_dict(snapshot.meta["model"]))
+        model.load_state({k[6:]: v for k, v in snapshot.tensors.items() if k.startswith("model.")})
+        if not all(torch.isfinite(t).all() for t in model.state_dict().values()):
+            raise SnapshotError(f"snapshot {snapshot.model_name} v{snapshot.version} has non-finite weights")
+        return cls(snapshot.model_name, snapshot.version, model.eval(), snapshot.meta)
+
+    def describe(self) -> dict[str, Any]:
+        spec = self.model.spec
+        return {
+            "name": self.name,
+            "ready": True,
+            "version": self.version,
+            "records_trained": self.meta["records_trained"],
+            "created_at": self.meta["created_at"],
+            "task": spec.labels.task,
+            "classes": spec.labels.class_names if spec.labels.task != "regression" else [],
+            "n_features": spec.features.n_features,
+            "feature_names": list(spec.features.names),
+            "arch": spec.arch,
+        }
+
+    def predict(self, instances: list[Any]) -> dict[str, Any]:
+        """KServe V1 predictions for a list of feature lists or feature dicts."""
+        features = self.model.spec.features
+        rows = []
+        for index, instance in enumerate(instances):
+            try:
+                rows.append(features.row(instance))
+            except InvalidRecord as exc:
+                raise BadRequest(f"instance {index}: {exc.detail}") from None
+        x = torch.from_numpy(np.asarray(rows, dtype=np.float32))
+        with torch.inference_mode():
+            prediction = self.model.predict_batch(x)
+        response: dict[str, Any] = {"model_name": self.name, "model_version": self.version}
+        labels = self.model.spec.labels
+        if prediction.probabilities is None:
+            response["predictions"] = prediction.values.tolist()
+        else:
+            indices = prediction.values.tolist()
+            response["predictions"] = [labels.classes[i] for i in indices] if labels.classes else indices
+            response["probabilities"] = prediction.probabilities.tolist()
+        return response
+
+
+class ModelRegistry:
+    """Loads new snapshots as they appear and hands out the current model per name."""
+
+    def __init__(self, store: SnapshotStore, metrics: ServerMetrics) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._models: dict[str, ServedModel] = {}
+        self._failed: dict[str, int] = {}  # newest version that failed to load, per model
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._models)
+
+    def get(self, name: str) -> ServedModel:
+        models = self._models
+        if name in models:
+            return models[name]
+        if not models:
+            raise ModelNotReady("no snapshot has been loaded yet")
+        raise ModelNotFound(f"model {name!r} not found; served models: {sorted(models)}")
+
+    def refresh(self) -> list[ServedModel]:
+        """Load every model whose newest snapshot is newer than the one served; return the new ones."""
+        loaded = []
+        for name in self.store.models():
+            current = self._models.get(name)
+            newest = self.store.latest_version(name)
+            floor = max(current.version if current else 0, self._failed.get(name, 0))
+            if newest is None or newest <= floor:
+                continue
+            served = self._load(name, current.version if current else 0, newest)
+            if served is not None:
+                self._models = {**self._models, name: served}  # the atomic swap
+                self._export(served)
+                loaded.append(served)
+        return loaded
+
+    def _load(self, name: str, served_version: int, newest: int) -> ServedModel | None:
+        for version in reversed(self.store.versions(name)):
+            if version <= served_version:
+                break
+            try:
+                served = ServedModel.from_snapshot(self.store.load(name, version))
+            except SnapshotError as exc:
+                self.metrics.reload_failures.labels(name).inc()
+                log.warning("not serving: %s", exc)
+                continue
+            log.info("serving %s v%d (%d records learned)", name, version, served.meta["records_trained"])
+            return served
+        self._failed[name] = newest  # nothing newer loads: do not retry until a newer one appears
+        return None
+
+    def _export(self, served: ServedModel) -> None:
+        name = served.name
+        created = served.meta["created_at_ms"] / 1000
+        self.metrics.reloads.labels(name).inc()
+        self.metrics.served_version.labels(name).set(served.version)
+        self.metrics.served_records.labels(name).set(served.meta["records_trained"])
+        self.metrics.served_age.labels(name).set_function(lambda: time.time() - created)

@@ -1,0 +1,182 @@
+"""`streamlearn up`: broker, topic, trainer, server and demo stream as supervised child processes.
+
+Children run in their own process groups, so Ctrl-C reaches only this supervisor, which then
+stops them in order (producer, trainer, server, broker) and lets the trainer write its final
+snapshot while the broker is still there.
+"""
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from streamlearn import kafka
+from streamlearn.broker import EmbeddedBroker, ensure_port_free
+from streamlearn.config import UpSettings
+from streamlearn.streams import stream_info
+
+log = logging.getLogger(__name__)
+MODEL_NAME = "default"
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def last_line(self) -> str:
+        lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        return lines[-1] if lines else "(no output)"
+
+
+class Supervisor:
+    """Starts the children, shows progress, and stops everything cleanly."""
+
+    def __init__(self, settings: UpSettings, log_dir: Path) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.children: list[Child] = []
+        self.broker: EmbeddedBroker | None = None
+        self.stopping = False
+
+    def run(self) -> int:
+        s = self.settings
+        for port, what in ((s.port, "prediction server"), (s.metrics_port, "trainer metrics")):
+            ensure_port_free("127.0.0.1", port, what)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGTERM, self._stop)
+        try:
+            bootstrap = s.bootstrap or self._start_broker()
+            kafka.check_reachable(bootstrap, {})
+            kafka.ensure_topic(bootstrap, {}, s.topic)
+            self._spawn("server", "serve", "--snapshot-dir", str(s.snapshot_dir), "--port", str(s.port))
+            self._spawn("trainer", "train", *self._train_args(bootstrap))
+            if s.demo:
+                self._spawn(
+                    "producer", "produce", "--bootstrap", bootstrap, "--topic", s.topic,
+                    "--stream", s.stream, "--rate", str(s.rate),
+                )  # fmt: skip
+            self._print_banner(bootstrap)
+            return self._watch()
+        finally:
+            self._stop_all()
+
+    def _train_args(self, bootstrap: str) -> list[str]:
+        s = self.settings
+        args = ["--bootstrap", bootstrap, "--topic", s.topic, "--model-name", MODEL_NAME,
+                "--snapshot-dir", str(s.snapshot_dir), "--metrics-port", str(s.metrics_port)]  # fmt: skip
+        if not s.demo:
+            return [*args, "--task", s.task]
+        info = stream_info(s.stream)
+        args += ["--task", info.task, "--n-features", str(info.n_features)]
+        return args + (["--classes", ",".join(info.classes)] if info.classes else [])
+
+    def _start_broker(self) -> str:
+        output = open(self.log_dir / "broker.log", "wb")  # noqa: SIM115 - kept open for the child's life
+        self.broker = EmbeddedBroker(port=self.settings.broker_port).start(output=output)
+        return self.broker.bootstrap
+
+    def _spawn(self, name: str, command: str, *args: str) -> None:
+        log_path = self.log_dir / f"{name}.log"
+        output: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - kept open for the child's life
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamlearn", command, *args],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.children.append(Child(name, process, log_path))
+
+    def _print_banner(self, bootstrap: str) -> None:
+        s = self.settings
+        base = f"http://127.0.0.1:{s.port}"
+        print(f"Streamlearn is up (Kafka at {bootstrap}, topic {s.topic!r}; logs in {self.log_dir}/)")
+        print(f"  predict:         POST {base}/v1/models/{MODEL_NAME}:predict")
+        print(f"  API docs:        {base}/docs")
+        print(f"  server metrics:  {base}/metrics")
+        print(f"  trainer metrics: http://127.0.0.1:{s.metrics_port}/metrics")
+        print("Ctrl-C stops everything.", flush=True)
+
+    def _watch(self) -> int:
+        deadline = time.monotonic() + self.settings.duration_s if self.settings.duration_s else None
+        while not self.stopping and (deadline is None or time.monotonic() < deadline):
+            for child in self.children:
+                code = child.process.poll()
+                if code is not None and not (child.name == "producer" and code == 0):
+                    print(f"\n{child.name} exited with code {code}: {child.last_line()}", file=sys.stderr)
+                    return 1
+            self._show_progress()
+            time.sleep(1.0)
+        print()
+        return 0
+
+    def _show_progress(self) -> None:
+        trainer = _scrape(f"http://127.0.0.1:{self.settings.metrics_port}/metrics")
+        served = _get_json(f"http://127.0.0.1:{self.settings.port}/v1/models/{MODEL_NAME}")
+        trained = int(trainer.get("streamlearn_records_trained_total", 0))
+        accuracy = trainer.get('streamlearn_prequential_accuracy_ratio{window="1000"}')
+        loss = trainer.get('streamlearn_prequential_loss{window="1000"}')
+        quality = (
+            f"accuracy {accuracy:.3f}"
+            if accuracy is not None
+            else f"loss {loss:.4g}"
+            if loss
+            else "warming up"
+        )
+        version = f"v{served['version']}" if served else "none yet"
+        line = f"trained {trained:>9,} records | prequential {quality} (last 1k) | served snapshot {version}"
+        print("\r" + line.ljust(100), end="", flush=True)
+
+    def _stop(self, *_: Any) -> None:
+        self.stopping = True
+
+    def _stop_all(self) -> None:
+        order = {"producer": 0, "trainer": 1, "server": 2}
+        for child in sorted(self.children, key=lambda c: order[c.name]):
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+                try:
+                    child.process.wait(30)
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()
+        if self.broker is not None:
+            self.broker.stop()
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """Samples of a /metrics page as {'name{labels}': value}; empty when it does not answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
+            samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return samples
+
+
+def _get_json(url: str) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as response:
+            data: dict[str, Any] = orjson.loads(response.read())
+            return data
+    except (OSError, orjson.JSONDecodeError):
+        return None
+
+
+def run_up(settings: UpSettings, log_dir: Path = Path(".streamlearn/logs")) -> int:
+    return Supervisor(settings, log_dir).run()
