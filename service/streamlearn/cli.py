@@ -5,12 +5,13 @@ and is also an environment variable. User errors print one line and exit non-zer
 """
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 import threading
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from pydantic import BaseModel, ValidationError
@@ -85,8 +86,16 @@ def run_serve(settings: ServeSettings) -> int:
     from streamlearn.broker import ensure_port_free
     from streamlearn.server import create_app
 
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # Shut down gracefully on SIGINT/SIGTERM and exit 0, instead of re-raising the signal.
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda *_: setattr(self, "should_exit", True))
+            yield
+
     ensure_port_free(settings.host, settings.port, "prediction server")
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -94,6 +103,7 @@ def run_serve(settings: ServeSettings) -> int:
         access_log=False,
         timeout_graceful_shutdown=10,
     )
+    Server(config).run()
     return 0
 
 

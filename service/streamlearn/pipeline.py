@@ -273,37 +273,8 @@ class Pipeline:
             self._finish_pending(wait=True, consumer=consumer)
 
     def _snapshot_content(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        offsets: dict[str, dict[str, int]] = {}
-        for (topic, partition), offset in sorted(self.offsets.items()):
-            offsets.setdefault(topic, {})[str(partition)] = offset
-        meta: dict[str, Any] = {
-            "records_trained": self.records_learned,
-            "offsets": offsets,
-            "config": self.settings.model_dump(mode="json", exclude={"kafka"}),
-        }
-        if self.trainer is None:  # nothing valid seen yet: the snapshot only records offsets
-            return {}, {**meta, "model": None, "training": None}
-        tensors, training = self.trainer.state()
-        spec = self.trainer.model.spec
-        meta.update(
-            model=spec.to_dict(),
-            task=spec.labels.task,
-            classes=spec.labels.class_names,
-            features=spec.features.to_dict(),
-            architecture={"arch": spec.arch, "hidden": list(spec.hidden) if spec.arch == "mlp" else []},
-            normalizer=self._normalizer_summary(),
-            training=training,
-        )
-        return tensors, meta
-
-    def _normalizer_summary(self) -> dict[str, Any]:
-        assert self.trainer is not None
-        norm = self.trainer.model.normalizer
-        summary: dict[str, Any] = {"count": int(norm.count.item())}
-        if norm.mean.numel() <= NORMALIZER_IN_META:
-            variance = norm.m2 / norm.count.clamp_min(1)
-            summary.update(mean=norm.mean.tolist(), variance=variance.tolist())
-        return summary
+        config = self.settings.model_dump(mode="json", exclude={"kafka"})  # never the credentials
+        return snapshot_content(self.trainer, self.records_learned, self.offsets, config)
 
     def _finish_pending(self, wait: bool, consumer: Consumer | None = None) -> None:
         pending = self.pending
@@ -398,3 +369,35 @@ class Pipeline:
 
 def _describe(task: str, arch: str, hidden: tuple[int, ...]) -> str:
     return f"{task}/{arch}" + (f"{list(hidden)}" if hidden else "")
+
+
+def snapshot_content(
+    trainer: Trainer | None, records_learned: int, offsets: Offsets, config: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and metadata of a snapshot: model, optimizer, normalizer, offsets, config."""
+    by_topic: dict[str, dict[str, int]] = {}
+    for (topic, partition), offset in sorted(offsets.items()):
+        by_topic.setdefault(topic, {})[str(partition)] = offset
+    meta: dict[str, Any] = {"records_trained": records_learned, "offsets": by_topic, "config": config}
+    if trainer is None:  # nothing valid seen yet: the snapshot only records offsets
+        return {}, {**meta, "model": None, "training": None}
+    tensors, training = trainer.state()
+    spec = trainer.model.spec
+    meta.update(
+        model=spec.to_dict(),
+        task=spec.labels.task,
+        classes=spec.labels.class_names if spec.labels.task != "regression" else [],
+        features=spec.features.to_dict(),
+        architecture={"arch": spec.arch, "hidden": list(spec.hidden) if spec.arch == "mlp" else []},
+        normalizer=_normalizer_summary(trainer),
+        training=training,
+    )
+    return tensors, meta
+
+
+def _normalizer_summary(trainer: Trainer) -> dict[str, Any]:
+    norm = trainer.model.normalizer
+    summary: dict[str, Any] = {"count": int(norm.count.item())}
+    if norm.mean.numel() <= NORMALIZER_IN_META:
+        summary.update(mean=norm.mean.tolist(), variance=(norm.m2 / norm.count.clamp_min(1)).tolist())
+    return summary

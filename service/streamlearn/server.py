@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, ORJSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
@@ -107,7 +107,6 @@ def create_app(settings: ServeSettings | None = None, registry: CollectorRegistr
         version=__version__,
         summary="Predictions from the newest snapshot of models learning from Kafka streams (KServe V1).",
         lifespan=lifespan,
-        default_response_class=ORJSONResponse,
     )
     app.state.models = models
     app.state.metrics = metrics
@@ -137,8 +136,8 @@ def create_app(settings: ServeSettings | None = None, registry: CollectorRegistr
     async def readyz() -> Response:
         """Readiness: at least one model snapshot is loaded."""
         if not models.ready:
-            return ORJSONResponse({"error": "no snapshot loaded yet", "ready": False}, status_code=503)
-        return ORJSONResponse({"ready": True, "models": models.names})
+            return JSONResponse({"error": "no snapshot loaded yet", "ready": False}, status_code=503)
+        return JSONResponse({"ready": True, "models": models.names})
 
     @app.get("/metrics", tags=["health"])
     async def prometheus_metrics() -> Response:
@@ -180,17 +179,17 @@ def _register_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StreamlearnError)
     async def streamlearn_error(request: Request, exc: StreamlearnError) -> Response:
         status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 400)
-        return ORJSONResponse({"error": str(exc)}, status_code=status)
+        return JSONResponse({"error": str(exc)}, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         errors = exc.errors()
         if any(error["type"] == "json_invalid" for error in errors):
-            return ORJSONResponse({"error": "request body is not valid JSON"}, status_code=400)
+            return JSONResponse({"error": "request body is not valid JSON"}, status_code=400)
         first = errors[0]
         where = ".".join(str(part) for part in first["loc"] if part not in ("body",))
-        return ORJSONResponse({"error": f"{where or 'body'}: {first['msg']}"}, status_code=422)
+        return JSONResponse({"error": f"{where or 'body'}: {first['msg']}"}, status_code=422)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        return ORJSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)

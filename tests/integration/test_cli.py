@@ -1,0 +1,83 @@
+"""The commands as users run them: produce, train (stopped by SIGTERM) and up --demo."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+
+from streamlearn.broker import free_port
+from streamlearn.snapshots import SnapshotStore
+
+from ..conftest import wait_for
+from .conftest import FAST_GROUP, committed
+
+FAST_ENV = {
+    **os.environ,
+    **{f"STREAMLEARN_KAFKA_{k.upper().replace('.', '_')}": v for k, v in FAST_GROUP.items()},
+}
+
+
+def streamlearn(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamlearn", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=FAST_ENV,
+        **kwargs,
+    )
+
+
+def test_produce_then_train_until_sigterm(bootstrap, make_topic, tmp_path):
+    topic = make_topic()
+    producer = streamlearn("produce", "--bootstrap", bootstrap, "--topic", topic, "--stream", "friedman",
+                           "--count", "3000", "--rate", "0", "--invalid-every", "100")  # fmt: skip
+    out, err = producer.communicate(timeout=60)
+    assert producer.returncode == 0, err
+    assert "published 3000 records" in out
+
+    metrics_port = free_port()
+    trainer = streamlearn(
+        "train", "--bootstrap", bootstrap, "--topic", topic, "--task", "regression", "--group", f"g-{topic}",
+        "--snapshot-dir", str(tmp_path), "--metrics-port", str(metrics_port),
+    )  # fmt: skip
+    store = SnapshotStore(tmp_path)
+    wait_for(
+        lambda: (s := store.load_latest("default")) and s.meta["offsets"].get(topic, {}).get("0") == 3000,
+        60,
+        what="all 3000 offsets processed",
+    )
+    page = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    assert 'streamlearn_records_invalid_total{reason="bad_json"}' in page
+    trainer.send_signal(signal.SIGTERM)
+    _, err = trainer.communicate(timeout=30)
+    assert trainer.returncode == 0, err
+    final = store.load_latest("default")
+    assert final.meta["records_trained"] == 3000 - 30  # every 100th record was invalid
+    assert committed(bootstrap, f"g-{topic}", topic) == [3000]
+
+
+def test_up_demo_runs_everything_and_the_served_model_improves(tmp_path):
+    ports = {"--broker-port": free_port(), "--port": free_port(), "--metrics-port": free_port()}
+    args = [item for flag, port in ports.items() for item in (flag, str(port))]
+    up = streamlearn("up", "--demo", "--duration-s", "25", "--rate", "400", *args, cwd=tmp_path)
+    server = f"http://127.0.0.1:{ports['--port']}"
+
+    def served_version():
+        try:
+            return httpx.get(f"{server}/v1/models/default", timeout=1).json().get("version")
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    first = wait_for(served_version, 40, what="a served snapshot")
+    wait_for(lambda: (served_version() or 0) > first, 20, what="a newer snapshot served")
+    out, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+    assert f"POST {server}/v1/models/default:predict" in out and f"{server}/docs" in out
+    progress = [line for line in out.replace("\r", "\n").splitlines() if line.startswith("trained")]
+    accuracies = [float(line.split("accuracy ")[1].split()[0]) for line in progress if "accuracy" in line]
+    assert accuracies and accuracies[-1] > 0.8, progress[-3:]
+    snapshot = SnapshotStore(tmp_path / "snapshots").load_latest("default")
+    assert snapshot is not None and snapshot.meta["records_trained"] > 1000

@@ -1,0 +1,78 @@
+"""The model contract: every architecture and task passes the same checks."""
+
+import numpy as np
+import pytest
+import torch
+
+from streamlearn.errors import SnapshotMismatch
+from streamlearn.models import ARCHITECTURES, HEADS, Normalizer, build_model
+
+from .conftest import make_spec
+
+CASES = [(arch, task) for arch in ARCHITECTURES for task in HEADS]
+
+
+@pytest.mark.parametrize(("arch", "task"), CASES)
+def test_predict_batch_gives_one_prediction_per_row(arch, task):
+    model = build_model(make_spec(task, n_features=4, arch=arch))
+    prediction = model.predict_batch(torch.randn(7, 4))
+    assert prediction.values.shape == (7,)
+    if task == "regression":
+        assert prediction.probabilities is None
+    else:
+        n_classes = 2 if task == "binary" else 3
+        assert prediction.probabilities.shape == (7, n_classes)
+        assert torch.allclose(prediction.probabilities.sum(dim=1), torch.ones(7))
+        assert torch.equal(prediction.values, prediction.probabilities.argmax(dim=1))
+
+
+@pytest.mark.parametrize(("arch", "task"), CASES)
+def test_the_same_spec_and_seed_build_the_same_weights(arch, task):
+    first, second = build_model(make_spec(task, arch=arch)), build_model(make_spec(task, arch=arch))
+    for a, b in zip(first.state().values(), second.state().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("arch", "task"), CASES)
+def test_state_round_trips_into_a_fresh_model(arch, task):
+    model = build_model(make_spec(task, arch=arch))
+    model.normalizer.update(torch.randn(50, 3) * 5 + 2)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    clone = build_model(make_spec(task, arch=arch))
+    clone.load_state(model.state())
+    x = torch.randn(5, 3)
+    assert torch.equal(model.predict_batch(x).scores, clone.predict_batch(x).scores)
+
+
+def test_loading_weights_of_another_architecture_is_a_clear_error():
+    mlp = build_model(make_spec("binary", arch="mlp"))
+    linear = build_model(make_spec("binary", arch="linear"))
+    with pytest.raises(SnapshotMismatch, match="do not fit a linear model"):
+        linear.load_state(mlp.state())
+
+
+@pytest.mark.parametrize(("arch", "task"), CASES)
+def test_weighted_loss_ignores_zero_weight_records(arch, task):
+    model = build_model(make_spec(task, arch=arch))
+    x = torch.randn(4, 3)
+    labels = torch.tensor([0, 1, 1, 0], dtype=torch.int64 if task == "multiclass" else torch.float32)
+    scores = model(x)
+    full = model.loss(scores[:2], labels[:2], torch.ones(2))
+    masked = model.loss(scores, labels, torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    assert torch.allclose(full, masked)
+
+
+def test_normalizer_matches_numpy_over_many_batches():
+    rng = np.random.default_rng(1)
+    data = rng.normal(50, 7, size=(1000, 3))
+    normalizer = Normalizer(3)
+    for chunk in np.array_split(data, 13):
+        normalizer.update(torch.from_numpy(chunk))
+    assert normalizer.count.item() == 1000
+    np.testing.assert_allclose(normalizer.mean.numpy(), data.mean(axis=0), rtol=1e-10)
+    np.testing.assert_allclose((normalizer.m2 / normalizer.count).numpy(), data.var(axis=0), rtol=1e-10)
+    standardized = normalizer(torch.from_numpy(data).float())
+    np.testing.assert_allclose(standardized.mean(dim=0).numpy(), 0, atol=1e-4)
+    np.testing.assert_allclose(standardized.std(dim=0, unbiased=False).numpy(), 1, atol=1e-4)

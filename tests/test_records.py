@@ -1,0 +1,147 @@
+"""The record contract: what decodes, and why what does not is rejected."""
+
+import numpy as np
+import pytest
+
+from streamlearn.errors import InvalidReason
+from streamlearn.records import FeatureSpec, LabelSpec, RecordDecoder
+
+BINARY = LabelSpec.create("binary")
+THREE = FeatureSpec(3)
+
+
+def decode_one(value: bytes | None, labels: LabelSpec = BINARY, features: FeatureSpec | None = THREE):
+    return RecordDecoder(labels, features, max_bytes=200).decode([value])
+
+
+def test_valid_records_become_float32_arrays():
+    batch = RecordDecoder(BINARY).decode(
+        [b'{"features": [1, 2.5, -3], "label": true, "weight": 2}', b'{"features": [0, 0, 0], "label": 0}']
+    )
+    assert batch.features.dtype == np.float32 and batch.features.shape == (2, 3)
+    assert batch.features[0].tolist() == [1.0, 2.5, -3.0]
+    assert batch.labels.tolist() == [1.0, 0.0]
+    assert batch.weights.tolist() == [2.0, 1.0]
+    assert batch.rejected == []
+
+
+def test_first_valid_record_fixes_the_feature_length():
+    decoder = RecordDecoder(BINARY)
+    batch = decoder.decode([b'{"features": [1, 2], "label": 1}', b'{"features": [1, 2, 3], "label": 1}'])
+    assert decoder.features == FeatureSpec(2)
+    assert len(batch) == 1
+    assert batch.rejected[0].index == 1 and batch.rejected[0].reason == InvalidReason.WRONG_LENGTH
+
+
+def test_an_invalid_first_record_does_not_fix_the_feature_length():
+    decoder = RecordDecoder(BINARY)
+    decoder.decode([b'{"features": [1, 2], "label": "maybe"}', b'{"features": [1, 2, 3], "label": 1}'])
+    assert decoder.features == FeatureSpec(3)
+
+
+def test_dict_features_follow_the_sorted_keys_of_the_first_record():
+    decoder = RecordDecoder(BINARY)
+    batch = decoder.decode(
+        [b'{"features": {"b": 2, "a": 1}, "label": 1}', b'{"features": {"a": 5, "b": 6}, "label": 0}']
+    )
+    assert decoder.features == FeatureSpec(2, ("a", "b"))
+    assert batch.features.tolist() == [[1.0, 2.0], [5.0, 6.0]]
+
+
+def test_dict_features_follow_given_feature_names():
+    decoder = RecordDecoder(BINARY, FeatureSpec(2, ("y", "x")))
+    batch = decoder.decode([b'{"features": {"x": 1, "y": 2}, "label": 1}'])
+    assert batch.features.tolist() == [[2.0, 1.0]]
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (None, InvalidReason.EMPTY),
+        (b"", InvalidReason.EMPTY),
+        (b'{"features": [1, 2, 3], "label": 1, "pad": "' + b"x" * 300 + b'"}', InvalidReason.TOO_LARGE),
+        (b"\xff\xfe\x00garbage", InvalidReason.NOT_UTF8),
+        (b'{"features": [1, 2, 3], "label": 1', InvalidReason.BAD_JSON),
+        (b"null", InvalidReason.NOT_AN_OBJECT),
+        (b"[1, 2, 3]", InvalidReason.NOT_AN_OBJECT),
+        (b'{"label": 1}', InvalidReason.MISSING_FEATURES),
+        (b'{"features": null, "label": 1}', InvalidReason.MISSING_FEATURES),
+        (b'{"features": "1,2,3", "label": 1}', InvalidReason.BAD_FEATURES),
+        (b'{"features": [1, "2", 3], "label": 1}', InvalidReason.BAD_FEATURES),
+        (b'{"features": [1, true, 3], "label": 1}', InvalidReason.BAD_FEATURES),
+        (b'{"features": [[1], [2], [3]], "label": 1}', InvalidReason.BAD_FEATURES),
+        (b'{"features": [1, 2], "label": 1}', InvalidReason.WRONG_LENGTH),
+        (b'{"features": {"a": 1}, "label": 1}', InvalidReason.FEATURE_MISMATCH),
+        (b'{"features": [1, NaN, 3], "label": 1}', InvalidReason.NON_FINITE),
+        (b'{"features": [1, Infinity, 3], "label": 1}', InvalidReason.NON_FINITE),
+        (b'{"features": [1, 1e999, 3], "label": 1}', InvalidReason.NON_FINITE),
+        (b'{"features": [1, 2, 3]}', InvalidReason.MISSING_LABEL),
+        (b'{"features": [1, 2, 3], "label": null}', InvalidReason.MISSING_LABEL),
+        (b'{"features": [1, 2, 3], "label": 2}', InvalidReason.UNKNOWN_CLASS),
+        (b'{"features": [1, 2, 3], "label": "yes"}', InvalidReason.UNKNOWN_CLASS),
+        (b'{"features": [1, 2, 3], "label": [1]}', InvalidReason.BAD_LABEL),
+        (b'{"features": [1, 2, 3], "label": 1, "weight": -1}', InvalidReason.BAD_WEIGHT),
+        (b'{"features": [1, 2, 3], "label": 1, "weight": "heavy"}', InvalidReason.BAD_WEIGHT),
+        (b"[" * 100_000 + b"]" * 100_000, InvalidReason.TOO_LARGE),
+    ],
+)
+def test_invalid_records_are_rejected_with_their_reason(value, reason):
+    batch = decode_one(value)
+    assert len(batch) == 0
+    assert [r.reason for r in batch.rejected] == [reason]
+
+
+def test_deeply_nested_junk_is_bad_json_or_bad_features_never_a_crash():
+    value = b'{"features": ' + b"[" * 5000 + b"]" * 5000 + b', "label": 1}'
+    batch = RecordDecoder(BINARY, FeatureSpec(3), max_bytes=1_000_000).decode([value])
+    assert [r.reason for r in batch.rejected] in ([InvalidReason.BAD_JSON], [InvalidReason.BAD_FEATURES])
+
+
+@pytest.mark.parametrize(
+    ("labels", "value", "expected"),
+    [
+        (LabelSpec.create("regression"), -2.5, -2.5),
+        (LabelSpec.create("binary"), True, 1),
+        (LabelSpec.create("binary"), 0, 0),
+        (LabelSpec.create("binary", ("no", "yes")), "yes", 1),
+        (LabelSpec.create("multiclass", num_classes=4), 3, 3),
+        (LabelSpec.create("multiclass", num_classes=4), 2.0, 2),
+        (LabelSpec.create("multiclass", ("a", "b", "c")), "c", 2),
+        (LabelSpec.create("multiclass", ("a", "b", "c")), 1, 1),
+    ],
+)
+def test_labels_map_to_the_tasks_targets(labels, value, expected):
+    assert labels.value(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("labels", "value", "reason"),
+    [
+        (LabelSpec.create("regression"), "3.0", InvalidReason.BAD_LABEL),
+        (LabelSpec.create("regression"), True, InvalidReason.BAD_LABEL),
+        (LabelSpec.create("binary"), 0.5, InvalidReason.BAD_LABEL),
+        (LabelSpec.create("multiclass", num_classes=3), 3, InvalidReason.UNKNOWN_CLASS),
+        (LabelSpec.create("multiclass", num_classes=3), -1, InvalidReason.UNKNOWN_CLASS),
+        (LabelSpec.create("multiclass", ("a", "b")), "z", InvalidReason.UNKNOWN_CLASS),
+        (LabelSpec.create("multiclass", num_classes=3), True, InvalidReason.BAD_LABEL),
+    ],
+)
+def test_labels_that_do_not_fit_the_task_are_rejected(labels, value, reason):
+    from streamlearn.errors import InvalidRecord
+
+    with pytest.raises(InvalidRecord) as caught:
+        labels.value(value)
+    assert caught.value.reason == reason
+
+
+def test_multiclass_labels_are_int64_class_indices():
+    decoder = RecordDecoder(LabelSpec.create("multiclass", ("a", "b", "c")))
+    batch = decoder.decode([b'{"features": [1], "label": "c"}', b'{"features": [2], "label": 0}'])
+    assert batch.labels.dtype == np.int64 and batch.labels.tolist() == [2, 0]
+
+
+def test_specs_round_trip_through_dicts():
+    spec = FeatureSpec(2, ("a", "b"))
+    assert FeatureSpec.from_dict(spec.to_dict()) == spec
+    labels = LabelSpec.create("multiclass", ("x", "y", "z"))
+    assert LabelSpec.from_dict(labels.to_dict()) == labels
