@@ -145,3 +145,19 @@ def test_specs_round_trip_through_dicts():
     assert FeatureSpec.from_dict(spec.to_dict()) == spec
     labels = LabelSpec.create("multiclass", ("x", "y", "z"))
     assert LabelSpec.from_dict(labels.to_dict()) == labels
+
+
+def test_a_given_length_takes_its_names_from_the_first_dict_record():
+    decoder = RecordDecoder(BINARY, FeatureSpec(2))
+    batch = decoder.decode(
+        [b'{"features": {"z": 1, "a": 2}, "label": 1}', b'{"features": {"a": 3, "z": 4}, "label": 0}']
+    )
+    assert decoder.features == FeatureSpec(2, ("a", "z"))
+    assert batch.features.tolist() == [[2.0, 1.0], [3.0, 4.0]]
+
+
+def test_a_given_length_still_rejects_dicts_of_another_size():
+    decoder = RecordDecoder(BINARY, FeatureSpec(3))
+    batch = decoder.decode([b'{"features": {"a": 1}, "label": 1}'])
+    assert [r.reason for r in batch.rejected] == [InvalidReason.FEATURE_MISMATCH]
+    assert not decoder.fixed

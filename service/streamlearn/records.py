@@ -201,12 +201,21 @@ def _parse_lenient(value: bytes) -> Any:
 
 
 class RecordDecoder:
-    """Decodes micro-batches of message values; fixes the feature spec from the first valid record."""
+    """Decodes micro-batches of message values; fixes the feature spec from the first valid record.
+
+    A spec given up front (from --n-features / --feature-names) may still lack names: the first
+    valid record with dict features then names them, in sorted key order.
+    """
 
     def __init__(self, labels: LabelSpec, features: FeatureSpec | None = None, max_bytes: int = 1_000_000):
         self.labels = labels
         self.features = features
+        self.fixed = features is not None and bool(features.names)
         self.max_bytes = max_bytes
+
+    def fix(self, features: FeatureSpec) -> None:
+        """Adopt a spec for good (restored from a snapshot)."""
+        self.features, self.fixed = features, True
 
     def decode(self, values: Sequence[bytes | None]) -> DecodedBatch:
         rows: list[list[float]] = []
@@ -235,12 +244,21 @@ class RecordDecoder:
         record = parse_json(value, self.max_bytes)
         if "features" not in record or record["features"] is None:
             raise InvalidRecord(InvalidReason.MISSING_FEATURES, "features are missing")
-        spec = self.features or FeatureSpec.infer(record["features"])
+        spec = self.features if self.fixed else self._candidate_spec(record["features"])
+        assert spec is not None
         row = spec.row(record["features"])
         target = self.labels.value(record.get("label"))
         weight = record.get("weight", 1.0)
         if not _is_number(weight) or not math.isfinite(weight) or weight < 0:
             raise InvalidRecord(InvalidReason.BAD_WEIGHT, "weight must be a finite number >= 0")
-        if self.features is None:
-            self.features = spec  # the first valid record fixes the feature vector for good
+        if not self.fixed:
+            self.fix(spec)  # the first valid record fixes the feature vector for good
         return row, target, float(weight)
+
+    def _candidate_spec(self, features: Any) -> FeatureSpec:
+        given = self.features
+        if given is None:
+            return FeatureSpec.infer(features)
+        if isinstance(features, dict) and len(features) == given.n_features:
+            return FeatureSpec.infer(features)
+        return given

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamlearn import kafka
 from streamlearn.broker import EmbeddedBroker, ensure_port_free
 from streamlearn.config import UpSettings
+from streamlearn.snapshots import SnapshotStore
 from streamlearn.streams import stream_info
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Supervisor:
         s = self.settings
         for port, what in ((s.port, "prediction server"), (s.metrics_port, "trainer metrics")):
             ensure_port_free("127.0.0.1", port, what)
+        SnapshotStore(s.snapshot_dir).ensure_writable()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGTERM, self._stop)
@@ -83,7 +85,8 @@ class Supervisor:
 
     def _start_broker(self) -> str:
         output = open(self.log_dir / "broker.log", "wb")  # noqa: SIM115 - kept open for the child's life
-        self.broker = EmbeddedBroker(port=self.settings.broker_port).start(output=output)
+        self.broker = EmbeddedBroker(port=self.settings.broker_port, binary=self.settings.broker_bin)
+        self.broker.start(output=output)
         return self.broker.bootstrap
 
     def _spawn(self, name: str, command: str, *args: str) -> None:

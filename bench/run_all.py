@@ -1,0 +1,26 @@
+"""Run every benchmark and write their tables into docs/benchmarks.md."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import bench_pipeline
+import bench_serving
+import bench_training
+from common import DOCS, machine
+
+
+def main() -> None:
+    sections = [*bench_training.main(), *bench_pipeline.main(), *bench_serving.main()]
+    header = (
+        "# Benchmarks\n\nWritten by `make bench` (bench/run_all.py); numbers from one run on "
+        f"{machine()}. Each benchmark's constants are at the top of its file.\n\n"
+    )
+    DOCS.parent.mkdir(exist_ok=True)
+    DOCS.write_text(header + "\n".join(sections))
+    print(f"wrote {DOCS}")
+
+
+if __name__ == "__main__":
+    main()
