@@ -95,7 +95,7 @@ class EmbeddedBroker:
             f"the embedded broker did not answer on {self.bootstrap} within {timeout_s:g}s"
         )
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 2.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         self.process.terminate()

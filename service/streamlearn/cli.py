@@ -17,7 +17,15 @@ from typing import Any, NoReturn
 from pydantic import BaseModel, ValidationError
 
 from streamlearn import __version__
-from streamlearn.config import BrokerSettings, ProduceSettings, ServeSettings, TrainSettings, UpSettings
+from streamlearn.config import (
+    BrokerSettings,
+    DlqInspectSettings,
+    DlqReplaySettings,
+    ProduceSettings,
+    ServeSettings,
+    TrainSettings,
+    UpSettings,
+)
 from streamlearn.errors import StreamlearnError
 
 log = logging.getLogger("streamlearn")
@@ -116,6 +124,28 @@ def run_produce(settings: ProduceSettings) -> int:
     return 0
 
 
+def run_dlq_inspect(settings: DlqInspectSettings) -> int:
+    from streamlearn import kafka
+    from streamlearn.dlq import describe, read_dead_letters
+
+    kafka.check_reachable(settings.bootstrap, settings.kafka)
+    letters = read_dead_letters(settings.bootstrap, settings.kafka, settings.topic, settings.limit)
+    for message in letters:
+        print(describe(message))
+    print(f"{len(letters)} dead letters shown from {settings.topic}")
+    return 0
+
+
+def run_dlq_replay(settings: DlqReplaySettings) -> int:
+    from streamlearn import kafka
+    from streamlearn.dlq import replay
+
+    kafka.check_reachable(settings.bootstrap, settings.kafka)
+    count = replay(settings.bootstrap, settings.kafka, settings.topic, settings.to, settings.limit)
+    print(f"replayed {count} dead letters from {settings.topic} to {settings.to or 'their source topics'}")
+    return 0
+
+
 def run_up(settings: UpSettings) -> int:
     from streamlearn.up import run_up as supervise
 
@@ -128,6 +158,12 @@ COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], int], str]] = {
     "serve": (ServeSettings, run_serve, "serve predictions from the newest snapshots (KServe V1)"),
     "produce": (ProduceSettings, run_produce, "publish a synthetic, drifting demo stream"),
     "up": (UpSettings, run_up, "start everything on this machine: broker, trainer, server (and a demo)"),
+    "dlq inspect": (DlqInspectSettings, run_dlq_inspect, "print the dead letters of a dead-letter topic"),
+    "dlq replay": (
+        DlqReplaySettings,
+        run_dlq_replay,
+        "republish dead letters, e.g. after fixing their producer",
+    ),
 }
 
 
@@ -169,8 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"streamlearn {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, Any] = {}  # 'dlq' -> its sub-command parsers
     for name, (model, _run, summary) in COMMANDS.items():
-        sub = commands.add_parser(name, help=summary, description=f"{summary}.")
+        group, _, leaf = name.rpartition(" ")
+        if group and group not in groups:
+            holder = commands.add_parser(group, help=f"{group} commands", description=f"{group} commands.")
+            groups[group] = holder.add_subparsers(dest=f"{group}_command", metavar="COMMAND", required=True)
+        sub = (groups[group] if group else commands).add_parser(leaf, help=summary, description=f"{summary}.")
         _add_flags(sub, model)
     return parser
 
@@ -192,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = vars(parser.parse_args(argv))
         command = args.pop("command") or ""
+        for group in {name.rpartition(" ")[0] for name in COMMANDS} - {""}:
+            if command == group:
+                command = f"{group} {args.pop(f'{group}_command')}"
         if not command:
             raise UsageError(f"streamlearn: choose a command: {', '.join(COMMANDS)} (see --help)")
         model, run, _summary = COMMANDS[command]

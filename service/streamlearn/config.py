@@ -108,6 +108,35 @@ class TrainSettings(_KafkaClientSettings):
     )
     max_record_bytes: int = Field(1_000_000, ge=16, description="Larger records are rejected as invalid.")
     seed: int = Field(0, description="Seed for weight initialisation.")
+    dlq_topic: str | None = Field(
+        None, description="Dead-letter topic for invalid records (default: <topic>.dlq; empty disables)."
+    )
+    deterministic: bool = Field(
+        False,
+        description="Micro-batches of exactly --batch-size records of one partition, so that a run "
+        "interrupted by crashes ends with the same weights as an uninterrupted one.",
+    )
+    session_timeout_ms: int = Field(
+        6000,
+        ge=1000,
+        le=300_000,
+        description="Kafka group session timeout; a crashed trainer's partitions move after it.",
+    )
+    group_instance_id: str | None = Field(
+        None, description="Static group membership id (e.g. the pod name): a restart keeps its partitions."
+    )
+    shutdown_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest a clean shutdown waits for the broker before giving up on the commit.",
+    )
+
+    @property
+    def dead_letter_topic(self) -> str | None:
+        """The dead-letter topic, or None when disabled."""
+        if self.dlq_topic is None:
+            return f"{self.topic}.dlq"
+        return self.dlq_topic or None
 
     @field_validator("classes", "feature_names", "hidden", mode="before")
     @classmethod
@@ -179,3 +208,21 @@ class UpSettings(_Settings):
     port: int = Field(8000, ge=1, le=65535, description="Port of the prediction server.")
     metrics_port: int = Field(9101, ge=1, le=65535, description="Port of the trainer's /metrics.")
     snapshot_dir: Path = Field(Path("snapshots"), description="Directory of the snapshots.")
+
+
+class DlqInspectSettings(_Settings):
+    """`streamlearn dlq inspect`: print the dead letters readably."""
+
+    bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, HOST:PORT[,HOST:PORT].")
+    topic: str = Field("events.dlq", min_length=1, description="Dead-letter topic to read.")
+    limit: int = Field(20, ge=0, description="Most dead letters to print (0: all).")
+    kafka: dict[str, str] = Field(
+        default_factory=lambda: kafka_overrides(os.environ), repr=False, json_schema_extra=NOT_A_FLAG
+    )
+
+
+class DlqReplaySettings(DlqInspectSettings):
+    """`streamlearn dlq replay`: republish the dead letters, e.g. after their producer was fixed."""
+
+    limit: int = Field(0, ge=0, description="Most dead letters to replay (0: all).")
+    to: str | None = Field(None, description="Topic to republish to (default: each letter's source topic).")

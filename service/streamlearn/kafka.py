@@ -41,6 +41,8 @@ def ensure_topic(
 ) -> None:
     """Create the topic unless it exists already."""
     admin = AdminClient(client_config(bootstrap, overrides))
+    if topic in admin.list_topics(timeout=timeout_s).topics:
+        return
     futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
     try:
         futures[topic].result(timeout=timeout_s)
@@ -57,25 +59,28 @@ def make_consumer(
     overrides: Mapping[str, str],
     group: str,
     start_offset: str,
+    session_timeout_ms: int = 6000,
+    group_instance_id: str | None = None,
     on_error: Callable[[KafkaError], None] | None = None,
+    on_commit: Callable[[KafkaError | None, list[TopicPartition]], None] | None = None,
 ) -> Consumer:
     """A consumer with manual offsets: nothing is committed or stored unless we say so."""
-    config = client_config(
-        bootstrap,
-        overrides,
-        **{
-            "group.id": group,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": start_offset,
-            "partition.assignment.strategy": "cooperative-sticky",
-            # A restarted trainer rejoins in seconds rather than after librdkafka's 45 s default.
-            "session.timeout.ms": 10_000,
-            "heartbeat.interval.ms": 1_000,
-            "error_cb": on_error or _log_error,
-        },
-    )
-    return Consumer(config)
+    defaults: dict[str, Any] = {
+        "group.id": group,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": start_offset,
+        "partition.assignment.strategy": "cooperative-sticky",
+        # A crashed trainer's partitions move after the session timeout (librdkafka's default is 45 s).
+        "session.timeout.ms": session_timeout_ms,
+        "heartbeat.interval.ms": max(session_timeout_ms // 6, 100),
+        "error_cb": on_error or _log_error,
+    }
+    if group_instance_id:
+        defaults["group.instance.id"] = group_instance_id  # static membership: a restart keeps its partitions
+    if on_commit is not None:
+        defaults["on_commit"] = on_commit
+    return Consumer(client_config(bootstrap, overrides, **defaults))
 
 
 def make_producer(

@@ -1,44 +1,35 @@
-"""The trainer's run loop: poll -> decode -> test-then-train -> snapshot when due -> commit.
+"""The trainer's run loop: poll -> decode -> test-then-train -> checkpoint when due.
 
-Offsets are committed only after the snapshot holding their effect is durable, and every
-snapshot records the next offset of each partition it learned from; on assignment the loop
-seeks to those offsets. A signal only flips `running`; the loop then snapshots, commits and
-leaves the group.
+Every snapshot records the next offset of each partition it learned from; on assignment the
+loop seeks to those offsets, so a restart neither skips nor repeats a record. Invalid records go
+to the dead-letter topic. A signal only flips `running`; the loop then finishes its
+micro-batch, checkpoints and leaves the group.
 """
 
 import contextlib
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from streamlearn import kafka
+from streamlearn.checkpoint import Checkpointer, Offsets, run_bounded
 from streamlearn.config import TrainSettings
-from streamlearn.errors import ConfigError, SnapshotMismatch
+from streamlearn.dlq import DeadLetterQueue, Source, already_dead_lettered
+from streamlearn.errors import ConfigError, SnapshotError, SnapshotMismatch
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec, RecordDecoder, Rejected
-from streamlearn.snapshots import BackgroundWriter, Snapshot, SnapshotStore
+from streamlearn.snapshots import Snapshot, SnapshotStore
 from streamlearn.trainer import WINDOWS, Trainer, make_optimizer, pick_device
 
 log = logging.getLogger(__name__)
 
-Offsets = dict[tuple[str, int], int]  # (topic, partition) -> next offset to learn from
 NORMALIZER_IN_META = 1024  # features up to which the normalizer is also written into meta.json
-
-
-@dataclass
-class PendingCommit:
-    """A snapshot being written, and the offsets to commit once it is durable."""
-
-    future: "Future[Snapshot]"
-    offsets: Offsets
-    started: float
 
 
 class RateLimitedLog:
@@ -66,11 +57,12 @@ class Pipeline:
         self.settings = settings
         self.metrics = metrics
         self.running = True
-        self.device = pick_device(settings.device)
         if settings.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+        self.device = pick_device(settings.device)
+        if settings.deterministic:
+            torch.use_deterministic_algorithms(True)
         self.store = SnapshotStore(settings.snapshot_dir, settings.keep_snapshots)
-        self.writer = BackgroundWriter(self.store)
         self.labels = LabelSpec.create(settings.task, settings.classes, settings.num_classes)
         features = FeatureSpec(settings.n_features or len(settings.feature_names), settings.feature_names)
         self.decoder = RecordDecoder(
@@ -80,14 +72,16 @@ class Pipeline:
         self.records_learned = 0
         self.offsets: Offsets = {}
         self.restored_offsets: Offsets = {}
-        self.pending: PendingCommit | None = None
-        self.last_snapshot_at = time.monotonic()
-        self.last_snapshot_wall = time.time()
+        self.dlq_marks: dict[int, int] = {}
+        self.skip_dead_letters: set[Source] = set()
+        self.buffers: dict[tuple[str, int], list[Message]] = defaultdict(list)  # --deterministic only
         self.dirty = False
-        self.invalid_log = RateLimitedLog()
+        self.log_limiter = RateLimitedLog()
         self._rate_mark = (time.monotonic(), 0)
         self.consumer: Consumer | None = None
-        metrics.snapshot_age.set_function(lambda: time.time() - self.last_snapshot_wall)
+        self.dlq: DeadLetterQueue | None = None
+        self.checkpoints: Checkpointer | None = None
+        self.restored: Snapshot | None = None
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -110,10 +104,12 @@ class Pipeline:
             for partition, offset in partitions.items()
         }
         self.offsets = dict(self.restored_offsets)
-        self.last_snapshot_wall = snapshot.meta["created_at_ms"] / 1000
-        self.metrics.snapshot_version.set(snapshot.version)
+        dlq = snapshot.meta.get("dlq") or {}
+        if dlq.get("topic") == self.settings.dead_letter_topic:
+            self.dlq_marks = {int(p): int(o) for p, o in dlq.get("marks", {}).items()}
+        self.restored = snapshot
         log.info(
-            "resumed %s from snapshot v%d (%d records learned)",
+            "resuming %s from snapshot v%d (%d records learned)",
             self.settings.model_name,
             snapshot.version,
             self.records_learned,
@@ -121,20 +117,17 @@ class Pipeline:
         return snapshot
 
     def _check_compatible(self, spec: ModelSpec) -> None:
-        wanted = (
-            self.labels.task,
-            self.settings.arch,
-            tuple(self.settings.hidden) if self.settings.arch == "mlp" else (),
-        )
+        s = self.settings
+        wanted = (self.labels.task, s.arch, tuple(s.hidden) if s.arch == "mlp" else ())
         found = (spec.labels.task, spec.arch, spec.hidden if spec.arch == "mlp" else ())
         if wanted != found or (self.labels.classes and self.labels.classes != spec.labels.classes):
             raise SnapshotMismatch(
-                f"snapshots of model {self.settings.model_name!r} in {self.settings.snapshot_dir} are "
+                f"snapshots of model {s.model_name!r} in {s.snapshot_dir} are "
                 f"{_describe(*found)}, not {_describe(*wanted)}: use another --model-name or --snapshot-dir"
             )
         if self.decoder.features and self.decoder.features.n_features != spec.features.n_features:
             raise SnapshotMismatch(
-                f"snapshots of model {self.settings.model_name!r} have {spec.features.n_features} features, "
+                f"snapshots of model {s.model_name!r} have {spec.features.n_features} features, "
                 f"not {self.decoder.features.n_features}"
             )
 
@@ -145,47 +138,80 @@ class Pipeline:
         )
         self.trainer = Trainer(model, optimizer, self.device, self.settings.clip_grad_norm)
 
-    # -- the loop -------------------------------------------------------------------------------
-
-    def run(self) -> None:
+    def _connect(self) -> None:
+        """Create the Kafka clients: the dead-letter producer first, then the consumer."""
         s = self.settings
+        if s.dead_letter_topic:
+            kafka.ensure_topic(s.bootstrap, s.kafka, s.dead_letter_topic)
+            self.dlq = DeadLetterQueue(s.bootstrap, s.kafka, s.dead_letter_topic, self.dlq_marks)
+            # A run that crashed may have dead-lettered records after its last snapshot: find them.
+            found = already_dead_lettered(s.bootstrap, s.kafka, s.dead_letter_topic, self.dlq_marks)
+            self.skip_dead_letters = {
+                src for src in found if src[2] >= self.restored_offsets.get((src[0], src[1]), 0)
+            }
+        self.checkpoints = Checkpointer(
+            self.store, s.model_name, self.metrics, self.dlq, dlq_timeout_s=s.shutdown_timeout_s
+        )
+        if self.restored is not None:
+            self.checkpoints.restored(self.restored, self.restored_offsets)
         self.consumer = kafka.make_consumer(
-            s.bootstrap, s.kafka, s.group, s.start_offset, self._on_kafka_error
+            s.bootstrap,
+            s.kafka,
+            s.group,
+            s.start_offset,
+            session_timeout_ms=s.session_timeout_ms,
+            group_instance_id=s.group_instance_id,
+            on_error=self._on_kafka_error,
+            on_commit=self._on_commit,
         )
         self.consumer.subscribe(
             [s.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        s = self.settings
+        self._connect()
+        assert self.consumer is not None and self.checkpoints is not None
         log.info("training %s on %s from %s (device %s)", s.model_name, s.topic, s.bootstrap, self.device)
         try:
             while self.running:
                 messages = self.consumer.consume(s.batch_size, timeout=s.max_batch_wait_ms / 1000)
                 if messages:
                     self.process(messages)
-                self._finish_pending(wait=False)
-                if self.dirty and time.monotonic() - self.last_snapshot_at >= s.snapshot_interval_s:
-                    self.snapshot(wait=False)
+                if self.checkpoints.finish(self.consumer, wait=False) is False:
+                    self.dirty = True  # the write failed: try again at the next interval
+                due = time.monotonic() - self.checkpoints.last_started >= s.snapshot_interval_s
+                if self.dirty and due:
+                    self.checkpoint(wait=False)
                 self._update_rates()
         finally:
             self.shutdown()
 
     def stop(self, *_: Any) -> None:
-        """Ask the loop to finish its micro-batch, snapshot, commit and leave (signal-safe)."""
+        """Ask the loop to finish its micro-batch, checkpoint and leave (signal-safe)."""
         self.running = False
 
     def shutdown(self) -> None:
-        if self.consumer is None:
+        """Checkpoint, commit and leave the group, within --shutdown-timeout-s even if Kafka is gone."""
+        consumer, checkpoints = self.consumer, self.checkpoints
+        if consumer is None or checkpoints is None:
             return
-        consumer, self.consumer = self.consumer, None
-        if self.dirty:
-            self.snapshot(wait=True, consumer=consumer)
-        self._finish_pending(wait=True, consumer=consumer)
-        self.writer.close()
-        consumer.close()  # leaves the group at once, so partitions move without a session timeout
+        timeout = self.settings.shutdown_timeout_s
+        if self.dirty or checkpoints.pending is not None:
+            run_bounded(lambda: self.checkpoint(wait=True, consumer=consumer), timeout, "final checkpoint")
+        # Leaving the group revokes our partitions: _on_revoke commits and hands them over.
+        run_bounded(consumer.close, timeout, "leaving the consumer group")
+        self.consumer = None
+        checkpoints.close()
+        if self.dlq is not None:
+            self.dlq.close(timeout_s=1.0)
         log.info("stopped after %d records learned", self.records_learned)
 
     def process(self, messages: Sequence[Message]) -> None:
-        """Decode, learn and account for one micro-batch of messages."""
-        good: list[Message] = []
+        """Account for polled messages: learn whole micro-batches of them."""
+        good = []
         for message in messages:
             error = kafka.message_error(message)
             if error is not None:
@@ -195,12 +221,25 @@ class Pipeline:
         if not good:
             return
         self.metrics.records_consumed.inc(len(good))
-        batch = self.decoder.decode([m.value() for m in good])
+        if not self.settings.deterministic:
+            self._process_batch(good)
+            return
+        # Deterministic: a micro-batch is exactly the next --batch-size records of one partition.
+        size = self.settings.batch_size
+        for message in good:
+            self.buffers[(str(message.topic()), int(message.partition() or 0))].append(message)
+        for buffer in self.buffers.values():
+            while len(buffer) >= size:
+                batch, buffer[:] = buffer[:size], buffer[size:]
+                self._process_batch(batch)
+
+    def _process_batch(self, messages: Sequence[Message]) -> None:
+        batch = self.decoder.decode([m.value() for m in messages])
         for rejected in batch.rejected:
-            self._reject(good[rejected.index], rejected)
+            self._reject(messages[rejected.index], rejected)
         if len(batch):
             self._learn(batch)
-        for message in good:
+        for message in messages:
             topic, partition, offset = message.topic(), message.partition(), message.offset()
             assert topic is not None and partition is not None and offset is not None  # a consumed message
             self.offsets[(topic, partition)] = offset + 1
@@ -209,15 +248,8 @@ class Pipeline:
     def _learn(self, batch: DecodedBatch) -> None:
         if self.trainer is None:
             assert self.decoder.features is not None  # fixed by the first valid record
-            self._build_trainer(
-                ModelSpec(
-                    self.labels,
-                    self.decoder.features,
-                    self.settings.arch,
-                    self.settings.hidden,
-                    self.settings.seed,
-                )
-            )
+            s = self.settings
+            self._build_trainer(ModelSpec(self.labels, self.decoder.features, s.arch, s.hidden, s.seed))
             assert self.trainer is not None
         with self.metrics.train_step.time():
             result = self.trainer.step(batch)
@@ -231,9 +263,8 @@ class Pipeline:
         self._export_scores()
 
     def _reject(self, message: Message, rejected: Rejected) -> None:
-        # The seam for a dead-letter topic: today a rejected record is counted and logged.
         self.metrics.records_invalid.labels(rejected.reason.value).inc()
-        self.invalid_log.warning(
+        self.log_limiter.warning(
             rejected.reason.value,
             "invalid record at %s[%d]@%d: %s: %s",
             message.topic(),
@@ -242,6 +273,13 @@ class Pipeline:
             rejected.reason.value,
             rejected.detail,
         )
+        if self.dlq is None:
+            return
+        source = (str(message.topic()), int(message.partition() or 0), int(message.offset() or 0))
+        if source in self.skip_dead_letters:
+            self.skip_dead_letters.discard(source)  # dead-lettered by the run before a crash
+            return
+        self.dlq.send(message, rejected)
 
     def _export_scores(self) -> None:
         assert self.trainer is not None
@@ -254,57 +292,38 @@ class Pipeline:
             for window in WINDOWS:
                 self.metrics.prequential_accuracy.labels(str(window)).set(scores.faded_accuracy[window])
 
-    # -- snapshots and commits ------------------------------------------------------------------
+    # -- checkpoints ----------------------------------------------------------------------------
 
-    def snapshot(self, wait: bool, consumer: Consumer | None = None) -> None:
-        """Start writing a snapshot of the model and offsets; commit the offsets once it is durable."""
-        if self.pending is not None:
+    def checkpoint(self, wait: bool, consumer: Consumer | None = None) -> bool:
+        """Snapshot the model with its offsets, and commit them once the snapshot is durable.
+
+        With wait, returns whether the snapshot was written; without, whether one was started.
+        """
+        checkpoints = self.checkpoints
+        assert checkpoints is not None
+        consumer = consumer or self.consumer
+        if checkpoints.pending is not None:
             if not wait:
-                return  # one write at a time; the next interval catches up
-            self._finish_pending(wait=True, consumer=consumer)
-        tensors, meta = self._snapshot_content()
-        offsets = dict(self.offsets)
-        self.pending = PendingCommit(
-            self.writer.submit(self.settings.model_name, tensors, meta), offsets, time.monotonic()
-        )
-        self.last_snapshot_at = time.monotonic()
+                return False  # one write at a time; the next interval catches up
+            checkpoints.finish(consumer, wait=True, asynchronous=False)
+        try:
+            tensors, meta = self._snapshot_content()
+        except SnapshotError as exc:
+            self.metrics.snapshot_failures.inc()
+            log.error("%s", exc)
+            return False
+        checkpoints.start(tensors, meta, self.offsets)
         self.dirty = False
-        if wait:
-            self._finish_pending(wait=True, consumer=consumer)
+        if not wait:
+            return True
+        if checkpoints.finish(consumer, wait=True, asynchronous=False):
+            return True
+        self.dirty = True
+        return False
 
     def _snapshot_content(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         config = self.settings.model_dump(mode="json", exclude={"kafka"})  # never the credentials
         return snapshot_content(self.trainer, self.records_learned, self.offsets, config)
-
-    def _finish_pending(self, wait: bool, consumer: Consumer | None = None) -> None:
-        pending = self.pending
-        if pending is None or (not wait and not pending.future.done()):
-            return
-        self.pending = None
-        try:
-            snapshot = pending.future.result()
-        except Exception as exc:
-            self.metrics.snapshot_failures.inc()
-            self.dirty = True  # offsets stay uncommitted; the next snapshot tries again
-            log.error("snapshot failed, offsets not committed: %s", exc)
-            return
-        self.metrics.snapshot_write.observe(time.monotonic() - pending.started)
-        self.metrics.snapshot_version.set(snapshot.version)
-        self.last_snapshot_wall = snapshot.meta["created_at_ms"] / 1000
-        self._commit(pending.offsets, consumer or self.consumer)
-
-    def _commit(self, offsets: Offsets, consumer: Consumer | None) -> None:
-        if consumer is None or not offsets:
-            return
-        partitions = [
-            TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()
-        ]
-        try:
-            consumer.commit(offsets=partitions, asynchronous=False)
-            self.metrics.offsets_committed.inc()
-        except KafkaException as exc:
-            # Safe to skip: the snapshot already holds these offsets and is what we resume from.
-            log.warning("offset commit failed (the snapshot still holds them): %s", exc.args[0].str())
 
     # -- rebalancing ----------------------------------------------------------------------------
 
@@ -317,23 +336,45 @@ class Pipeline:
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Whatever we learned from these partitions is snapshotted and committed before they go.
-        if self.dirty or self.pending is not None:
-            self.snapshot(wait=True, consumer=consumer)
+        """Hand partitions over cleanly: checkpoint, commit, then drop them from our snapshots.
+
+        The last step keeps an old snapshot from pulling a partition back to offsets that its
+        next owner has already learned past.
+        """
+        checkpoints, revoked = self.checkpoints, self._keys(partitions)
+        written = checkpoints is not None and (
+            not (self.dirty or checkpoints.pending is not None)
+            or self.checkpoint(wait=True, consumer=consumer)
+        )
+        held = {key: self.offsets[key] for key in revoked if key in self.offsets}
         self._forget(partitions)
+        handed_over = (
+            written
+            and checkpoints is not None
+            and bool(checkpoints.durable_partitions & revoked)
+            and checkpoints.commit(consumer, held, asynchronous=False)
+        )
+        if handed_over:
+            self.checkpoint(wait=True, consumer=consumer)
         consumer.incremental_unassign(partitions)
+        log.info("revoked %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Another member may own these already: committing now could move its offsets backwards.
         self._forget(partitions)
         consumer.incremental_unassign(partitions)
 
+    @staticmethod
+    def _keys(partitions: list[TopicPartition]) -> set[tuple[str, int]]:
+        return {(tp.topic, tp.partition) for tp in partitions}
+
     def _forget(self, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            self.offsets.pop((tp.topic, tp.partition), None)
-            self.restored_offsets.pop((tp.topic, tp.partition), None)
+        for key in self._keys(partitions):
+            self.offsets.pop(key, None)
+            self.restored_offsets.pop(key, None)
+            self.buffers.pop(key, None)
             with contextlib.suppress(KeyError):
-                self.metrics.consumer_lag.remove(str(tp.partition))
+                self.metrics.consumer_lag.remove(str(key[1]))
 
     # -- health ---------------------------------------------------------------------------------
 
@@ -347,24 +388,30 @@ class Pipeline:
         self._update_lag()
 
     def _update_lag(self) -> None:
-        if self.consumer is None:
+        consumer = self.consumer
+        if consumer is None:
             return
         try:
-            assignment = self.consumer.assignment()
-            positions = self.consumer.position(assignment) if assignment else []
+            positions = consumer.position(consumer.assignment())
         except KafkaException:
             return
         for tp in positions:
-            _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            _low, high = consumer.get_watermark_offsets(tp, cached=True)
             if tp.offset >= 0 and high >= 0:
                 self.metrics.consumer_lag.labels(str(tp.partition)).set(max(high - tp.offset, 0))
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if error is None:
+            self.metrics.offsets_committed.inc()
+        else:
+            log.warning("offset commit failed (the snapshot still holds the offsets): %s", error.str())
 
     def _on_kafka_error(self, error: KafkaError) -> None:
         self.metrics.kafka_errors.inc()
         if error.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
-            self.invalid_log.warning("kafka-down", "Kafka unreachable, retrying: %s", error.str())
+            self.log_limiter.warning("kafka-down", "Kafka unreachable, retrying: %s", error.str())
         else:
-            self.invalid_log.warning(f"kafka-{error.code()}", "Kafka error: %s", error.str())
+            self.log_limiter.warning(f"kafka-{error.code()}", "Kafka error: %s", error.str())
 
 
 def _describe(task: str, arch: str, hidden: tuple[int, ...]) -> str:
@@ -382,6 +429,8 @@ def snapshot_content(
     if trainer is None:  # nothing valid seen yet: the snapshot only records offsets
         return {}, {**meta, "model": None, "training": None}
     tensors, training = trainer.state()
+    if not all(bool(torch.isfinite(t).all()) for name, t in tensors.items() if t.is_floating_point()):
+        raise SnapshotError("the model has non-finite weights: no snapshot written")
     spec = trainer.model.spec
     meta.update(
         model=spec.to_dict(),

@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from streamlearn.errors import SnapshotError
+from streamlearn.faults import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,7 @@ class SnapshotStore:
                 _write_durably(tmp / WEIGHTS, weights)
                 _write_durably(tmp / META, orjson.dumps(full_meta, option=orjson.OPT_INDENT_2))
                 _fsync_dir(tmp)
+                crash_point("snapshot.before_rename")
                 tmp.rename(model_dir / f"{version:012d}")
             except FileExistsError:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -126,6 +129,7 @@ class SnapshotStore:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             _fsync_dir(model_dir)
+            crash_point("snapshot.after_rename")
             self.prune(model_name)
             return Snapshot(model_name, version, full_meta, tensors)
         raise SnapshotError(f"could not claim a new snapshot version for {model_name}")
@@ -174,8 +178,20 @@ class BackgroundWriter:
         self.store = store
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-writer")
 
-    def submit(self, model_name: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> "Future[Snapshot]":
-        return self._pool.submit(self.store.save, model_name, tensors, meta)
+    def submit(
+        self,
+        model_name: str,
+        tensors: dict[str, Tensor],
+        meta: dict[str, Any],
+        prepare: Callable[[], dict[str, Any]] | None = None,
+    ) -> "Future[Snapshot]":
+        """Save on the writer thread; `prepare` runs there first and adds to the metadata (or raises)."""
+
+        def save() -> Snapshot:
+            extra = prepare() if prepare is not None else {}
+            return self.store.save(model_name, tensors, {**meta, **extra})
+
+        return self._pool.submit(save)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

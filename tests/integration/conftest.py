@@ -103,7 +103,6 @@ def start_trainer(bootstrap: str, tmp_path) -> Iterator[Callable[..., RunningTra
             "snapshot_dir": tmp_path / "snapshots",
             "snapshot_interval_s": 0.5,
             "metrics_port": 0,
-            "kafka": FAST_GROUP,
             **overrides,
         }
         trainer = RunningTrainer(TrainSettings(**values))

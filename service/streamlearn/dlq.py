@@ -1,0 +1,287 @@
+"""The dead-letter topic: invalid records kept byte for byte, with their reason, exactly once.
+
+A record is published with its original key, value and headers, plus Kafka Connect style
+`__connect.errors.*` headers naming the source and the reason. Exactly once across crashes:
+- a snapshot is written only after every dead letter sent before it was delivered, and records
+  in `marks` where the dead-letter topic stood then (the offset after the last such delivery);
+- after a restart, the records from the snapshot's offsets on are read again, and those already
+  dead-lettered after the marks (by the run that crashed) are not sent a second time.
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from streamlearn import kafka
+from streamlearn.errors import KafkaOperationError
+from streamlearn.faults import crash_point
+from streamlearn.records import Rejected
+
+log = logging.getLogger(__name__)
+
+H_TOPIC = "__connect.errors.topic"
+H_PARTITION = "__connect.errors.partition"
+H_OFFSET = "__connect.errors.offset"
+H_REASON = "__connect.errors.exception.class.name"
+H_MESSAGE = "__connect.errors.exception.message"
+H_STAGE = "__connect.errors.stage"
+H_TIME = "streamlearn.errors.timestamp"
+OUR_HEADERS = (H_TOPIC, H_PARTITION, H_OFFSET, H_REASON, H_MESSAGE, H_STAGE, H_TIME)
+Source = tuple[str, int, int]  # (topic, partition, offset) of the original record
+
+
+def dead_letter_headers(message: Message, rejected: Rejected) -> list[tuple[str, bytes]]:
+    """The original headers, then ours: where the record came from, why and when it was rejected."""
+    return [
+        *(message.headers() or []),
+        (H_TOPIC, str(message.topic()).encode()),
+        (H_PARTITION, str(message.partition()).encode()),
+        (H_OFFSET, str(message.offset()).encode()),
+        (H_REASON, rejected.reason.value.encode()),
+        (H_MESSAGE, rejected.detail.encode()),
+        (H_STAGE, b"VALUE_CONVERTER"),
+        (H_TIME, str(int(time.time() * 1000)).encode()),
+    ]
+
+
+def header(headers: Any, name: str) -> str | None:
+    """The last header called `name` (ours come after the original ones), as text."""
+    for key, value in reversed(list(headers or [])):
+        if key == name:
+            return value.decode(errors="replace") if isinstance(value, bytes) else value
+    return None
+
+
+def source_of(message: Message) -> Source | None:
+    headers = message.headers()
+    topic, partition, offset = (header(headers, h) for h in (H_TOPIC, H_PARTITION, H_OFFSET))
+    if topic is None or partition is None or offset is None:
+        return None
+    return topic, int(partition), int(offset)
+
+
+class DeadLetterQueue:
+    """Publishes dead letters and knows which ones are delivered, and where."""
+
+    def __init__(
+        self, bootstrap: str, overrides: Mapping[str, str], topic: str, marks: Mapping[int, int] | None = None
+    ) -> None:
+        self.topic = topic
+        self.producer: Producer = kafka.make_producer(bootstrap, overrides)
+        self._lock = threading.Condition()
+        self._sent = 0  # sequence number of the newest letter handed to the producer
+        self._outstanding: set[int] = set()
+        self._retry: list[tuple[int, Message]] = []
+        self._deliveries: list[tuple[int, int, int]] = []  # (seq, DLQ partition, offset), not yet folded
+        self._marks: dict[int, int] = dict(
+            marks or {}
+        )  # DLQ partition -> offset after the last folded letter
+        self.failures = 0
+        self._closed = threading.Event()
+        self._poller = threading.Thread(target=self._serve_deliveries, name="dlq-deliveries", daemon=True)
+        self._poller.start()
+
+    def send(self, message: Message, rejected: Rejected) -> None:
+        with self._lock:
+            self._sent += 1
+            seq = self._sent
+            self._outstanding.add(seq)
+        self._produce(seq, message.key(), message.value(), dead_letter_headers(message, rejected))
+        crash_point("dlq.after_send")
+
+    def _produce(self, seq: int, key: Any, value: Any, headers: Any) -> None:
+        def on_delivery(error: KafkaError | None, message: Message) -> None:
+            self._delivered(seq, error, message)
+
+        while True:
+            try:
+                self.producer.produce(self.topic, value, key, headers=headers, on_delivery=on_delivery)
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
+    def _delivered(self, seq: int, error: KafkaError | None, message: Message) -> None:
+        with self._lock:
+            if error is not None:
+                self.failures += 1
+                self._retry.append((seq, message))
+                log.warning("dead letter not delivered, will retry: %s", error.str())
+                return
+            self._outstanding.discard(seq)
+            partition, offset = message.partition(), message.offset()
+            if partition is not None and offset is not None:
+                self._deliveries.append((seq, partition, offset))
+            self._lock.notify_all()
+
+    def _serve_deliveries(self) -> None:
+        """Delivery reports arrive on this thread, whatever the consumer loop is doing."""
+        while not self._closed.is_set():
+            self.producer.poll(0.05)
+            with self._lock:
+                retry, self._retry = self._retry, []
+            for seq, message in retry:
+                self._produce(seq, message.key(), message.value(), message.headers())
+
+    def barrier(self) -> int:
+        """A point to wait for: every dead letter sent so far."""
+        with self._lock:
+            return self._sent
+
+    def wait_delivered(self, barrier: int, timeout_s: float) -> dict[int, int] | None:
+        """Wait until every letter up to `barrier` is delivered; return where the topic stood then.
+
+        Within a DLQ partition letters are appended in the order sent, so every letter sent after
+        the barrier lies at or beyond the returned mark (barring a resend after a failed delivery).
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while any(seq <= barrier for seq in self._outstanding):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._lock.wait(min(remaining, 0.1))
+            later = []
+            for seq, partition, offset in self._deliveries:
+                if seq <= barrier:
+                    self._marks[partition] = max(self._marks.get(partition, 0), offset + 1)
+                else:
+                    later.append((seq, partition, offset))
+            self._deliveries = later
+            return dict(self._marks)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until everything sent so far is delivered (failures resent meanwhile)."""
+        return self.wait_delivered(self.barrier(), timeout_s) is not None
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self.flush(timeout_s)
+        self._closed.set()
+        self._poller.join(timeout_s)
+
+
+def already_dead_lettered(
+    bootstrap: str,
+    overrides: Mapping[str, str],
+    topic: str,
+    marks: Mapping[int, int],
+    timeout_s: float = 30.0,
+) -> set[Source]:
+    """Sources of the dead letters published after `marks` (all of a partition without a mark)."""
+    consumer = Consumer(
+        kafka.client_config(
+            bootstrap, overrides, **{"group.id": "streamlearn-dlq-scan", "enable.auto.commit": False}
+        )
+    )
+    found: set[Source] = set()
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            return found
+        ends: dict[int, int] = {}
+        starts: list[TopicPartition] = []
+        for partition in metadata.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
+            start = max(marks.get(partition, low), low)
+            if start < high:
+                ends[partition] = high
+                starts.append(TopicPartition(topic, partition, start))
+        if not starts:
+            return found
+        consumer.assign(starts)
+        deadline = time.monotonic() + timeout_s
+        while ends and time.monotonic() < deadline:
+            for message in consumer.consume(500, timeout=0.5):
+                if kafka.message_error(message) is not None:
+                    continue
+                source = source_of(message)
+                if source is not None:
+                    found.add(source)
+                partition, offset = message.partition(), message.offset()
+                if partition in ends and offset is not None and offset + 1 >= ends[partition]:
+                    del ends[partition]
+        return found
+    finally:
+        consumer.close()
+
+
+def read_dead_letters(
+    bootstrap: str, overrides: Mapping[str, str], topic: str, limit: int = 0, timeout_s: float = 30.0
+) -> list[Message]:
+    """The dead letters in the topic now (up to `limit`; 0 for all), oldest first per partition."""
+    consumer = Consumer(
+        kafka.client_config(
+            bootstrap, overrides, **{"group.id": "streamlearn-dlq-read", "enable.auto.commit": False}
+        )
+    )
+    letters: list[Message] = []
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            raise KafkaOperationError(f"dead-letter topic {topic!r} does not exist")
+        ends, starts = {}, []
+        for partition in sorted(metadata.partitions):
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
+            if low < high:
+                ends[partition] = high
+                starts.append(TopicPartition(topic, partition, low))
+        consumer.assign(starts)
+        deadline = time.monotonic() + timeout_s
+        while ends and (limit == 0 or len(letters) < limit) and time.monotonic() < deadline:
+            for message in consumer.consume(500, timeout=0.5):
+                partition, offset = message.partition(), message.offset()
+                if kafka.message_error(message) is not None or partition not in ends or offset is None:
+                    continue
+                letters.append(message)
+                if offset + 1 >= ends[partition]:
+                    del ends[partition]
+        return letters[:limit] if limit else letters
+    finally:
+        consumer.close()
+
+
+def describe(message: Message) -> str:
+    """One dead letter as readable lines."""
+    headers = message.headers()
+    source = source_of(message)
+    where = f"{source[0]}[{source[1]}]@{source[2]}" if source else "unknown source"
+    stamp = header(headers, H_TIME)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(stamp) / 1000)) + "Z" if stamp else "?"
+    value = message.value()
+    shown = value[:200] if isinstance(value, bytes) else value
+    return (
+        f"{message.topic()}[{message.partition()}]@{message.offset()}  {when}  from {where}\n"
+        f"  reason: {header(headers, H_REASON)}: {header(headers, H_MESSAGE)}\n"
+        f"  key:    {message.key()!r}\n"
+        f"  value:  {shown!r}{' ...' if isinstance(value, bytes) and len(value) > 200 else ''}"
+    )
+
+
+def replay(bootstrap: str, overrides: Mapping[str, str], topic: str, to: str | None, limit: int = 0) -> int:
+    """Republish dead letters (original key, value and headers) to `to` or their source topic."""
+    letters = read_dead_letters(bootstrap, overrides, topic, limit)
+    producer = kafka.make_producer(bootstrap, overrides)
+    failures: list[str] = []
+
+    def delivered(error: KafkaError | None, _message: Message) -> None:
+        if error is not None:
+            failures.append(error.str())
+
+    for message in letters:
+        source = source_of(message)
+        target = to or (source[0] if source else None)
+        if target is None:
+            raise KafkaOperationError(
+                f"dead letter at offset {message.offset()} names no source topic; use --to"
+            )
+        original: list[tuple[str, Any]] = [
+            (str(key), value) for key, value in list(message.headers() or []) if key not in OUR_HEADERS
+        ]
+        producer.produce(target, message.value(), message.key(), headers=original, on_delivery=delivered)
+        producer.poll(0)
+    if producer.flush(30) or failures:
+        raise KafkaOperationError(f"replay incomplete: {len(failures) or 'some'} records not delivered")
+    return len(letters)
