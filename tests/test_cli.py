@@ -19,7 +19,7 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
 def test_help_documents_every_setting_and_its_variable(command, capsys):
     model = COMMANDS[command][0]
     with pytest.raises(SystemExit) as exited:
-        main([command, "--help"])
+        main([*command.split(), "--help"])
     assert exited.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for name in model.model_fields:

@@ -50,9 +50,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EmbeddedBroker:
     """A Tansu broker process on one loopback port, with its data in memory."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 9092, binary: Path | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 9092,
+        binary: Path | None = None,
+        advertised_port: int | None = None,
+    ) -> None:
         self.host = host
         self.port = port
+        self.advertised_port = advertised_port or port  # another port when clients reach it through a proxy
         self.binary = broker_binary(binary)
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -61,12 +68,11 @@ class EmbeddedBroker:
         return f"{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        url = f"tcp://{self.host}:{self.port}"
         return [
             str(self.binary),
             "broker",
-            "--listener-url", url,
-            "--advertised-listener-url", url,
+            "--listener-url", f"tcp://{self.host}:{self.port}",
+            "--advertised-listener-url", f"tcp://{self.host}:{self.advertised_port}",
             "--storage-engine", "memory://tansu/",
             "--silent",
         ]  # fmt: skip

@@ -59,9 +59,11 @@ class Checkpointer:
         model_name: str,
         metrics: TrainerMetrics,
         dlq: DeadLetterQueue | None,
+        owned: Callable[[], set[tuple[str, int]]],
         dlq_timeout_s: float = 30.0,
     ) -> None:
         self.model_name = model_name
+        self.owned = owned  # the partitions assigned to us now: the only ones we may commit
         self.metrics = metrics
         self.dlq = dlq
         self.dlq_timeout_s = dlq_timeout_s
@@ -69,12 +71,10 @@ class Checkpointer:
         self.pending: Pending | None = None
         self.last_started = time.monotonic()
         self.last_written = time.time()
-        self.durable_partitions: set[tuple[str, int]] = set()  # partitions the newest snapshot holds
         metrics.snapshot_age.set_function(lambda: time.time() - self.last_written)
 
-    def restored(self, snapshot: Snapshot, offsets: Offsets) -> None:
+    def restored(self, snapshot: Snapshot) -> None:
         self.last_written = snapshot.meta["created_at_ms"] / 1000
-        self.durable_partitions = set(offsets)
         self.metrics.snapshot_version.set(snapshot.version)
 
     def start(self, tensors: dict[str, Tensor], meta: dict[str, Any], offsets: Offsets) -> bool:
@@ -111,13 +111,14 @@ class Checkpointer:
         self.metrics.snapshot_write.observe(time.monotonic() - pending.started)
         self.metrics.snapshot_version.set(snapshot.version)
         self.last_written = snapshot.meta["created_at_ms"] / 1000
-        self.durable_partitions = set(pending.offsets)
         crash_point("commit.before")
         self.commit(consumer, pending.offsets, asynchronous)
         return True
 
     def commit(self, consumer: Consumer | None, offsets: Offsets, asynchronous: bool) -> bool:
-        """Commit offsets; a synchronous commit says whether it succeeded."""
+        """Commit the offsets of partitions we still own; a synchronous commit says whether it succeeded."""
+        owned = self.owned()
+        offsets = {key: offset for key, offset in offsets.items() if key in owned}
         if consumer is None or not offsets:
             return not offsets
         partitions = [

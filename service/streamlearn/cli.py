@@ -73,6 +73,7 @@ def run_train(settings: TrainSettings) -> int:
     from streamlearn.pipeline import Pipeline
     from streamlearn.snapshots import SnapshotStore
 
+    stop = _stop_event()  # first: a signal during start-up ends the trainer cleanly too
     SnapshotStore(settings.snapshot_dir).ensure_writable()
     if settings.metrics_port:
         ensure_port_free(settings.metrics_host, settings.metrics_port, "trainer metrics")
@@ -82,8 +83,10 @@ def run_train(settings: TrainSettings) -> int:
     pipeline.restore()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, settings.metrics_host, registry)
-    signal.signal(signal.SIGTERM, pipeline.stop)
-    signal.signal(signal.SIGINT, pipeline.stop)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, pipeline.stop)
+    if stop.is_set():
+        return 0
     pipeline.run()
     return 0
 
@@ -126,10 +129,10 @@ def run_produce(settings: ProduceSettings) -> int:
 
 def run_dlq_inspect(settings: DlqInspectSettings) -> int:
     from streamlearn import kafka
-    from streamlearn.dlq import describe, read_dead_letters
+    from streamlearn.dlq import describe, read_from
 
     kafka.check_reachable(settings.bootstrap, settings.kafka)
-    letters = read_dead_letters(settings.bootstrap, settings.kafka, settings.topic, settings.limit)
+    letters = read_from(settings.bootstrap, settings.kafka, settings.topic, limit=settings.limit)
     for message in letters:
         print(describe(message))
     print(f"{len(letters)} dead letters shown from {settings.topic}")

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from streamlearn import kafka
 from streamlearn.errors import KafkaOperationError
@@ -163,84 +164,60 @@ class DeadLetterQueue:
         self._poller.join(timeout_s)
 
 
-def already_dead_lettered(
+def read_from(
     bootstrap: str,
     overrides: Mapping[str, str],
     topic: str,
-    marks: Mapping[int, int],
+    start: Mapping[int, int] | None = None,
+    limit: int = 0,
     timeout_s: float = 30.0,
-) -> set[Source]:
-    """Sources of the dead letters published after `marks` (all of a partition without a mark)."""
-    consumer = Consumer(
-        kafka.client_config(
-            bootstrap, overrides, **{"group.id": "streamlearn-dlq-scan", "enable.auto.commit": False}
-        )
-    )
-    found: set[Source] = set()
-    try:
-        metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
-        if metadata is None or metadata.error is not None:
-            return found
-        ends: dict[int, int] = {}
-        starts: list[TopicPartition] = []
-        for partition in metadata.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
-            start = max(marks.get(partition, low), low)
-            if start < high:
-                ends[partition] = high
-                starts.append(TopicPartition(topic, partition, start))
-        if not starts:
-            return found
-        consumer.assign(starts)
-        deadline = time.monotonic() + timeout_s
-        while ends and time.monotonic() < deadline:
-            for message in consumer.consume(500, timeout=0.5):
-                if kafka.message_error(message) is not None:
-                    continue
-                source = source_of(message)
-                if source is not None:
-                    found.add(source)
-                partition, offset = message.partition(), message.offset()
-                if partition in ends and offset is not None and offset + 1 >= ends[partition]:
-                    del ends[partition]
-        return found
-    finally:
-        consumer.close()
-
-
-def read_dead_letters(
-    bootstrap: str, overrides: Mapping[str, str], topic: str, limit: int = 0, timeout_s: float = 30.0
 ) -> list[Message]:
-    """The dead letters in the topic now (up to `limit`; 0 for all), oldest first per partition."""
+    """The messages of a topic from `start` (per partition; default its beginning) to its end now.
+
+    The end is the high watermark of the fetch responses: some brokers (Tansu) answer a
+    ListOffsets request with a smaller one, so that answer only says whether to read at all.
+    """
     consumer = Consumer(
         kafka.client_config(
-            bootstrap, overrides, **{"group.id": "streamlearn-dlq-read", "enable.auto.commit": False}
+            bootstrap, overrides, **{"group.id": "streamlearn-reader", "enable.auto.commit": False}
         )
     )
-    letters: list[Message] = []
+    messages: list[Message] = []
     try:
         metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
         if metadata is None or metadata.error is not None:
-            raise KafkaOperationError(f"dead-letter topic {topic!r} does not exist")
-        ends, starts = {}, []
+            raise KafkaOperationError(f"topic {topic!r} does not exist")
+        reading = []
         for partition in sorted(metadata.partitions):
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
-            if low < high:
-                ends[partition] = high
-                starts.append(TopicPartition(topic, partition, low))
-        consumer.assign(starts)
+            first = max((start or {}).get(partition, low), low)
+            if first < high:
+                reading.append(TopicPartition(topic, partition, first))
+        consumer.assign(reading)
         deadline = time.monotonic() + timeout_s
-        while ends and (limit == 0 or len(letters) < limit) and time.monotonic() < deadline:
-            for message in consumer.consume(500, timeout=0.5):
-                partition, offset = message.partition(), message.offset()
-                if kafka.message_error(message) is not None or partition not in ends or offset is None:
-                    continue
-                letters.append(message)
-                if offset + 1 >= ends[partition]:
-                    del ends[partition]
-        return letters[:limit] if limit else letters
+        while reading and (limit == 0 or len(messages) < limit) and time.monotonic() < deadline:
+            for message in consumer.consume(500, timeout=0.2):
+                if kafka.message_error(message) is None:
+                    messages.append(message)
+            reading = [tp for tp in consumer.position(reading) if not _at_end(consumer, tp)]
+        return messages[:limit] if limit else messages
     finally:
         consumer.close()
+
+
+def _at_end(consumer: Consumer, position: TopicPartition) -> bool:
+    _low, high = consumer.get_watermark_offsets(position, cached=True)
+    return high >= 0 and position.offset >= high
+
+
+def already_dead_lettered(
+    bootstrap: str, overrides: Mapping[str, str], topic: str, marks: Mapping[int, int]
+) -> set[Source]:
+    """Sources of the dead letters published after `marks` (all of a partition without a mark)."""
+    if topic not in AdminClient(kafka.client_config(bootstrap, overrides)).list_topics(timeout=30).topics:
+        return set()
+    found = (source_of(message) for message in read_from(bootstrap, overrides, topic, marks))
+    return {source for source in found if source is not None}
 
 
 def describe(message: Message) -> str:
@@ -262,7 +239,7 @@ def describe(message: Message) -> str:
 
 def replay(bootstrap: str, overrides: Mapping[str, str], topic: str, to: str | None, limit: int = 0) -> int:
     """Republish dead letters (original key, value and headers) to `to` or their source topic."""
-    letters = read_dead_letters(bootstrap, overrides, topic, limit)
+    letters = read_from(bootstrap, overrides, topic, limit=limit)
     producer = kafka.make_producer(bootstrap, overrides)
     failures: list[str] = []
 

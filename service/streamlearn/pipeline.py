@@ -70,8 +70,9 @@ class Pipeline:
         )
         self.trainer: Trainer | None = None
         self.records_learned = 0
-        self.offsets: Offsets = {}
-        self.restored_offsets: Offsets = {}
+        self.offsets: Offsets = {}  # next offset per partition this model has learned up to (owned or not)
+        self.assigned: set[tuple[str, int]] = set()
+        self.positions: Offsets = {}  # next offset to take per assigned partition (learned or buffered)
         self.dlq_marks: dict[int, int] = {}
         self.skip_dead_letters: set[Source] = set()
         self.buffers: dict[tuple[str, int], list[Message]] = defaultdict(list)  # --deterministic only
@@ -98,12 +99,11 @@ class Pipeline:
             self.trainer.restore(snapshot.tensors, snapshot.meta["training"])
             self.decoder.fix(spec.features)
         self.records_learned = int(snapshot.meta["records_trained"])
-        self.restored_offsets = {
+        self.offsets = {
             (topic, int(partition)): int(offset)
             for topic, partitions in snapshot.meta["offsets"].items()
             for partition, offset in partitions.items()
         }
-        self.offsets = dict(self.restored_offsets)
         dlq = snapshot.meta.get("dlq") or {}
         if dlq.get("topic") == self.settings.dead_letter_topic:
             self.dlq_marks = {int(p): int(o) for p, o in dlq.get("marks", {}).items()}
@@ -146,14 +146,12 @@ class Pipeline:
             self.dlq = DeadLetterQueue(s.bootstrap, s.kafka, s.dead_letter_topic, self.dlq_marks)
             # A run that crashed may have dead-lettered records after its last snapshot: find them.
             found = already_dead_lettered(s.bootstrap, s.kafka, s.dead_letter_topic, self.dlq_marks)
-            self.skip_dead_letters = {
-                src for src in found if src[2] >= self.restored_offsets.get((src[0], src[1]), 0)
-            }
+            self.skip_dead_letters = {src for src in found if src[2] >= self.offsets.get((src[0], src[1]), 0)}
         self.checkpoints = Checkpointer(
-            self.store, s.model_name, self.metrics, self.dlq, dlq_timeout_s=s.shutdown_timeout_s
+            self.store, s.model_name, self.metrics, self.dlq, lambda: set(self.assigned), s.shutdown_timeout_s
         )
         if self.restored is not None:
-            self.checkpoints.restored(self.restored, self.restored_offsets)
+            self.checkpoints.restored(self.restored)
         self.consumer = kafka.make_consumer(
             s.bootstrap,
             s.kafka,
@@ -199,9 +197,15 @@ class Pipeline:
         if consumer is None or checkpoints is None:
             return
         timeout = self.settings.shutdown_timeout_s
-        if self.dirty or checkpoints.pending is not None:
-            run_bounded(lambda: self.checkpoint(wait=True, consumer=consumer), timeout, "final checkpoint")
-        # Leaving the group revokes our partitions: _on_revoke commits and hands them over.
+
+        def final_checkpoint() -> None:
+            if self.dirty or checkpoints.pending is not None:
+                self.checkpoint(wait=True, consumer=consumer)
+            elif not self.dirty:  # the newest snapshot holds these offsets; make sure Kafka has them
+                checkpoints.commit(consumer, self.offsets, asynchronous=False)
+
+        run_bounded(final_checkpoint, timeout, "final checkpoint")
+        # Leaving the group revokes our partitions (static members keep theirs).
         run_bounded(consumer.close, timeout, "leaving the consumer group")
         self.consumer = None
         checkpoints.close()
@@ -217,7 +221,12 @@ class Pipeline:
             if error is not None:
                 self._on_kafka_error(error)
                 continue
-            good.append(message)
+            key = (str(message.topic()), int(message.partition() or 0))
+            offset = int(message.offset() or 0)
+            # Only partitions we own, and never a record twice (one fetched before a rebalance, say).
+            if key in self.assigned and offset >= self.positions.get(key, 0):
+                self.positions[key] = offset + 1
+                good.append(message)
         if not good:
             return
         self.metrics.records_consumed.inc(len(good))
@@ -328,53 +337,58 @@ class Pipeline:
     # -- rebalancing ----------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Resume each partition at the later of our own offset and the group's committed one.
+
+        Ours is ahead when our commits lagged (a crash before the commit, a broker outage); the
+        group's is ahead when another member learned the records since we last had the partition.
+        """
+        committed = {}
+        try:
+            committed = {
+                (tp.topic, tp.partition): tp.offset for tp in consumer.committed(partitions, timeout=10)
+            }
+        except KafkaException as exc:
+            log.warning(
+                "could not read committed offsets, resuming from the snapshot's: %s", exc.args[0].str()
+            )
         for tp in partitions:
-            restored = self.restored_offsets.get((tp.topic, tp.partition))
-            if restored is not None:
-                tp.offset = restored  # the snapshot is ahead of (or equal to) the committed offset
+            key = (tp.topic, tp.partition)
+            ours = self.offsets.get(key)
+            if ours is not None:
+                tp.offset = max(ours, committed.get(key, -1))
+            self.positions[key] = max(tp.offset, 0)
+            self.assigned.add(key)
         consumer.incremental_assign(partitions)
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Hand partitions over cleanly: checkpoint, commit, then drop them from our snapshots.
-
-        The last step keeps an old snapshot from pulling a partition back to offsets that its
-        next owner has already learned past.
-        """
-        checkpoints, revoked = self.checkpoints, self._keys(partitions)
-        written = checkpoints is not None and (
-            not (self.dirty or checkpoints.pending is not None)
-            or self.checkpoint(wait=True, consumer=consumer)
-        )
-        held = {key: self.offsets[key] for key in revoked if key in self.offsets}
-        self._forget(partitions)
-        handed_over = (
-            written
-            and checkpoints is not None
-            and bool(checkpoints.durable_partitions & revoked)
-            and checkpoints.commit(consumer, held, asynchronous=False)
-        )
-        if handed_over:
-            self.checkpoint(wait=True, consumer=consumer)
+        """Hand partitions over cleanly: what we learned from them is checkpointed and committed first."""
+        checkpoints = self.checkpoints
+        if checkpoints is not None:
+            durable = not (self.dirty or checkpoints.pending is not None) or self.checkpoint(
+                wait=True, consumer=consumer
+            )
+            if durable:  # commit synchronously: an earlier asynchronous commit may still be on its way
+                revoked = {(tp.topic, tp.partition) for tp in partitions}
+                checkpoints.commit(consumer, {k: o for k, o in self.offsets.items() if k in revoked}, False)
+        self._release(partitions)
         consumer.incremental_unassign(partitions)
         log.info("revoked %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Another member may own these already: committing now could move its offsets backwards.
-        self._forget(partitions)
+        self._release(partitions)
         consumer.incremental_unassign(partitions)
+        log.warning("lost %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
-    @staticmethod
-    def _keys(partitions: list[TopicPartition]) -> set[tuple[str, int]]:
-        return {(tp.topic, tp.partition) for tp in partitions}
-
-    def _forget(self, partitions: list[TopicPartition]) -> None:
-        for key in self._keys(partitions):
-            self.offsets.pop(key, None)
-            self.restored_offsets.pop(key, None)
-            self.buffers.pop(key, None)
+    def _release(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self.assigned.discard(key)
+            self.positions.pop(key, None)
+            self.buffers.pop(key, None)  # --deterministic: an unfinished batch is not learned
             with contextlib.suppress(KeyError):
-                self.metrics.consumer_lag.remove(str(key[1]))
+                self.metrics.consumer_lag.remove(str(tp.partition))
 
     # -- health ---------------------------------------------------------------------------------
 

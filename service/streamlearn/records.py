@@ -55,11 +55,12 @@ class FeatureSpec:
             values = features
         else:
             raise InvalidRecord(InvalidReason.BAD_FEATURES, "features must be a list or an object of numbers")
-        if len(values) != self.n_features:
+        row = _finite_numbers(values)  # junk where numbers belong says more than a wrong length
+        if len(row) != self.n_features:
             raise InvalidRecord(
-                InvalidReason.WRONG_LENGTH, f"expected {self.n_features} features, got {len(values)}"
+                InvalidReason.WRONG_LENGTH, f"expected {self.n_features} features, got {len(row)}"
             )
-        return _finite_numbers(values)
+        return row
 
     def to_dict(self) -> dict[str, Any]:
         return {"n_features": self.n_features, "names": list(self.names)}

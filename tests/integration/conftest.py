@@ -54,6 +54,13 @@ def publish(bootstrap: str, topic: str, values: list[bytes | None], partition: i
     assert producer.flush(30) == 0 and not failures, failures
 
 
+def read_topic(bootstrap: str, topic: str) -> list:
+    """Every message in the topic now (the reader the dead-letter commands use)."""
+    from streamlearn.dlq import read_from
+
+    return read_from(bootstrap, {}, topic)
+
+
 def committed(bootstrap: str, group: str, topic: str, partitions: int = 1) -> list[int]:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
