@@ -6,13 +6,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_pipeline
+import bench_restart
 import bench_serving
 import bench_training
 from common import DOCS, machine
 
 
 def main() -> None:
-    sections = [*bench_training.main(), *bench_pipeline.main(), *bench_serving.main()]
+    sections = [*bench_training.main(), *bench_pipeline.main(), *bench_restart.main(), *bench_serving.main()]
     header = (
         "# Benchmarks\n\nWritten by `make bench` (bench/run_all.py); numbers from one run on "
         f"{machine()}. Each benchmark's constants are at the top of its file.\n\n"

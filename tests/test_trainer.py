@@ -80,3 +80,15 @@ def test_restored_state_continues_exactly_like_the_original(make_trainer):
     ):
         assert torch.equal(a, b), name
     assert resumed.scores.records == original.scores.records == 1024
+
+
+def test_a_model_with_non_finite_weights_is_never_snapshotted(make_trainer):
+    from streamlearn.errors import SnapshotError
+    from streamlearn.pipeline import snapshot_content
+
+    trainer = make_trainer("binary")
+    trainer.step(concept_batch(64))
+    with torch.no_grad():
+        next(trainer.model.parameters())[0, 0] = float("nan")
+    with pytest.raises(SnapshotError, match="non-finite"):
+        snapshot_content(trainer, 64, {}, {})
