@@ -131,6 +131,17 @@ class TrainSettings(_KafkaClientSettings):
         description="Longest a clean shutdown waits for the broker before giving up on the commit.",
     )
 
+    on_drift: Literal["none", "boost-lr", "reset-optimizer", "reset-model"] = Field(
+        "none", description="What to do when concept drift is detected (see README, Drift)."
+    )
+    drift_window: int = Field(2000, ge=100, description="Records in the drift reference and recent windows.")
+    drift_psi_threshold: float = Field(
+        0.25, gt=0, description="Population stability index above which feature or label drift is reported."
+    )
+    drift_per_feature: bool = Field(
+        False, description="Also export the PSI of every feature (up to 100 features) as a labelled metric."
+    )
+
     @property
     def dead_letter_topic(self) -> str | None:
         """The dead-letter topic, or None when disabled."""

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from streamlearn.errors import InvalidReason
 
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+DETECTORS = ("adwin", "page_hinkley", "feature_psi", "label")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -98,6 +99,42 @@ class TrainerMetrics:
         )
         self.kafka_errors = Counter(
             "streamlearn_kafka_errors_total", "Errors reported by the Kafka client.", registry=registry
+        )
+        self.drift_score = Gauge(
+            "streamlearn_drift_score",
+            "Concept drift score on the prequential error stream: ADWIN's gap between the halves of its "
+            "window (error-rate units), Page-Hinkley's statistic over its threshold (1 = detection).",
+            ["detector"],
+            registry=registry,
+        )
+        self.drift_detections = Counter(
+            "streamlearn_drift_detections_total",
+            "Drift detections by detector: adwin, page_hinkley (concept), feature_psi, label.",
+            ["detector"],
+            registry=registry,
+        )
+        for detector in DETECTORS:
+            self.drift_detections.labels(detector)
+        self.feature_drift_psi = Gauge(
+            "streamlearn_feature_drift_psi_max",
+            "Largest population stability index of any feature, recent window against reference.",
+            registry=registry,
+        )
+        self.feature_drift_ks = Gauge(
+            "streamlearn_feature_drift_ks_max",
+            "Largest binned Kolmogorov-Smirnov statistic of any feature, recent window against reference.",
+            registry=registry,
+        )
+        self.feature_psi = Gauge(
+            "streamlearn_feature_drift_psi",
+            "Population stability index per feature (only with --drift-per-feature).",
+            ["feature"],
+            registry=registry,
+        )
+        self.label_drift = Gauge(
+            "streamlearn_label_drift_score",
+            "Label drift: PSI of the class priors, or the shift of the label mean in reference std.",
+            registry=registry,
         )
 
 

@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -20,6 +21,7 @@ from streamlearn import kafka
 from streamlearn.checkpoint import Checkpointer, Offsets, run_bounded
 from streamlearn.config import TrainSettings
 from streamlearn.dlq import DeadLetterQueue, Source, already_dead_lettered
+from streamlearn.drift import DriftMonitor
 from streamlearn.errors import ConfigError, SnapshotError, SnapshotMismatch
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.models import ModelSpec, build_model
@@ -69,6 +71,8 @@ class Pipeline:
             self.labels, features if features.n_features else None, settings.max_record_bytes
         )
         self.trainer: Trainer | None = None
+        self.drift: DriftMonitor | None = None
+        self.drift_events: list[dict[str, Any]] = []
         self.records_learned = 0
         self.offsets: Offsets = {}  # next offset per partition this model has learned up to (owned or not)
         self.assigned: set[tuple[str, int]] = set()
@@ -137,6 +141,14 @@ class Pipeline:
             self.settings.optimizer, model, self.settings.lr, self.settings.weight_decay
         )
         self.trainer = Trainer(model, optimizer, self.device, self.settings.clip_grad_norm)
+        names = list(spec.features.names) or [f"f{i}" for i in range(spec.features.n_features)]
+        self.drift = DriftMonitor(
+            names,
+            spec.labels.task,
+            spec.labels.n_outputs,
+            self.settings.drift_psi_threshold,
+            self.settings.drift_window,
+        )
 
     def _connect(self) -> None:
         """Create the Kafka clients: the dead-letter producer first, then the consumer."""
@@ -270,6 +282,38 @@ class Pipeline:
             self.metrics.batches_skipped.inc()
             log.warning("skipped a micro-batch of %d records: non-finite loss or gradient", len(batch))
         self._export_scores()
+        self._watch_drift(batch, result.errors)
+
+    def _watch_drift(self, batch: DecodedBatch, errors: Any) -> None:
+        assert self.drift is not None and self.trainer is not None
+        report = self.drift.update(batch.features, batch.labels, errors)
+        m = self.metrics
+        for detector, score in report.scores.items():
+            m.drift_score.labels(detector).set(score)
+        if report.feature_psi_max is not None:
+            m.feature_drift_psi.set(report.feature_psi_max)
+            m.feature_drift_ks.set(report.feature_ks_max or 0.0)
+            if self.settings.drift_per_feature and len(self.drift.feature_names) <= 100:
+                for name, psi in report.top_features:
+                    m.feature_psi.labels(name).set(psi)
+        if report.label_score is not None:
+            m.label_drift.set(report.label_score)
+        if not report.detected:
+            return
+        for detector in report.detected:
+            m.drift_detections.labels(detector).inc()
+        event = {
+            "event": "drift_detected",
+            "detectors": report.detected,
+            "records_learned": self.records_learned,
+            "at_ms": int(time.time() * 1000),
+            "top_drifting_features": report.top_features if report.feature_drift else [],
+            "response": self.settings.on_drift if report.concept else "none",
+        }
+        self.drift_events = [*self.drift_events, event][-20:]
+        log.warning("%s", orjson.dumps(event).decode())  # one structured line per detection
+        if report.concept and self.settings.on_drift != "none":
+            self.trainer.respond_to_drift(self.settings.on_drift)
 
     def _reject(self, message: Message, rejected: Rejected) -> None:
         self.metrics.records_invalid.labels(rejected.reason.value).inc()
@@ -332,7 +376,10 @@ class Pipeline:
 
     def _snapshot_content(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         config = self.settings.model_dump(mode="json", exclude={"kafka"})  # never the credentials
-        return snapshot_content(self.trainer, self.records_learned, self.offsets, config)
+        tensors, meta = snapshot_content(self.trainer, self.records_learned, self.offsets, config)
+        if self.drift is not None:
+            meta["drift"] = {**self.drift.to_dict(), "events": self.drift_events}
+        return tensors, meta
 
     # -- rebalancing ----------------------------------------------------------------------------
 

@@ -53,6 +53,7 @@ class ServedModel:
             "n_features": spec.features.n_features,
             "feature_names": list(spec.features.names),
             "arch": spec.arch,
+            "drift": self.meta.get("drift"),
         }
 
     def predict(self, instances: list[Any]) -> dict[str, Any]:

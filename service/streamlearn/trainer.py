@@ -22,6 +22,7 @@ OPTIMIZERS: dict[str, Any] = {
     "rmsprop": torch.optim.RMSprop,
 }
 WINDOWS = (1_000, 10_000)  # records, for the fading prequential averages
+BOOST_FACTOR, BOOST_RECORDS = 3.0, 2_000  # --on-drift boost-lr: this much faster, for this many records
 
 
 def make_optimizer(
@@ -45,6 +46,7 @@ class StepResult:
     loss: float  # weighted mean loss of the predictions made before learning
     correct: int | None  # classification only
     learned: bool  # False when the loss or gradient was not finite
+    errors: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per record: 0/1 miss, or the loss
 
 
 @dataclass
@@ -121,6 +123,7 @@ class Trainer:
         self.clip_grad_norm = clip_grad_norm
         self.scores = Prequential()
         self.skipped_batches = 0
+        self.boost_left = 0  # records left at a boosted learning rate after a drift
         self.classification = model.spec.labels.task != "regression"
 
     def step(self, batch: DecodedBatch) -> StepResult:
@@ -132,7 +135,11 @@ class Trainer:
         with torch.no_grad():
             before = model(x)
             test_loss = model.loss(before, y, w)
-            correct = (model.head.predict(before).values == y.long()).sum() if self.classification else None
+            if self.classification:
+                misses = (model.head.predict(before).values != y.long()).float()
+                correct = len(batch) - misses.sum()
+            else:
+                misses, correct = model.head.loss(before, y), None
 
         # 2. learn the feature scale, then take one gradient step on the batch
         saved_normalizer = {k: v.clone() for k, v in model.normalizer.state_dict().items()}
@@ -159,10 +166,37 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_batches += 1
 
+        self._decay_boost(len(batch))
+
         # 4. score: the prequential loss and accuracy of step 1
-        result = StepResult(len(batch), test_value, int(rest[0]) if rest else None, learned)
+        errors = misses.cpu().numpy()
+        result = StepResult(len(batch), test_value, int(rest[0]) if rest else None, learned, errors)
         self.scores.add(result, weight_sum)
         return result
+
+    def respond_to_drift(self, action: str) -> None:
+        """React to a concept drift: boost-lr, reset-optimizer or reset-model (none: nothing)."""
+        if action == "reset-optimizer":
+            self.optimizer.state.clear()  # forget moments and step counts; the weights stay
+        elif action == "boost-lr":
+            self.boost_left = BOOST_RECORDS
+            for group in self.optimizer.param_groups:
+                group.setdefault("base_lr", group["lr"])
+                group["lr"] = group["base_lr"] * BOOST_FACTOR
+        elif action == "reset-model":
+            with torch.no_grad():
+                for module in self.model.modules():
+                    if isinstance(module, torch.nn.Linear):
+                        module.reset_parameters()  # the normalizer keeps its statistics
+            self.optimizer.state.clear()
+
+    def _decay_boost(self, records: int) -> None:
+        if self.boost_left <= 0:
+            return
+        self.boost_left -= records
+        if self.boost_left <= 0:
+            for group in self.optimizer.param_groups:
+                group["lr"] = group.pop("base_lr", group["lr"])
 
     def _to_device(self, array: np.ndarray) -> Tensor:
         tensor = torch.from_numpy(array)
