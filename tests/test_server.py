@@ -185,3 +185,14 @@ def test_openapi_documents_the_predict_route(client):
     spec = client.get("/openapi.json").json()
     assert "/v1/models/{name}:predict" in spec["paths"]
     assert client.get("/docs").status_code == 200
+
+
+def test_a_json_body_is_read_whatever_its_content_type(client, store):
+    write_snapshot(store, "default", trained(REGRESSION))
+    wait_for(lambda: client.get("/readyz").status_code == 200)
+    form_typed = {"content-type": "application/x-www-form-urlencoded"}  # what curl -d sends
+    response = client.post(
+        "/v1/models/default:predict", content=b'{"instances": [[1, 2, 3]]}', headers=form_typed
+    )
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == 1

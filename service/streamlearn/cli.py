@@ -23,6 +23,7 @@ from streamlearn.config import (
     DlqReplaySettings,
     ProduceSettings,
     ServeSettings,
+    StatusSettings,
     TrainSettings,
     UpSettings,
 )
@@ -149,6 +150,17 @@ def run_dlq_replay(settings: DlqReplaySettings) -> int:
     return 0
 
 
+def run_status(settings: StatusSettings) -> int:
+    from streamlearn.status import show
+
+    stop = _stop_event()
+    if not show(settings.trainer, settings.server, settings.watch, settings.interval_s, stop.is_set):
+        raise StreamlearnError(
+            f"neither the trainer ({settings.trainer}) nor the server ({settings.server}) answers"
+        )
+    return 0
+
+
 def run_up(settings: UpSettings) -> int:
     from streamlearn.up import run_up as supervise
 
@@ -161,6 +173,11 @@ COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], int], str]] = {
     "serve": (ServeSettings, run_serve, "serve predictions from the newest snapshots (KServe V1)"),
     "produce": (ProduceSettings, run_produce, "publish a synthetic, drifting demo stream"),
     "up": (UpSettings, run_up, "start everything on this machine: broker, trainer, server (and a demo)"),
+    "status": (
+        StatusSettings,
+        run_status,
+        "show learning, drift, pipeline health and serving in the terminal",
+    ),
     "dlq inspect": (DlqInspectSettings, run_dlq_inspect, "print the dead letters of a dead-letter topic"),
     "dlq replay": (
         DlqReplaySettings,

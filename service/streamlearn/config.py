@@ -237,3 +237,12 @@ class DlqReplaySettings(DlqInspectSettings):
 
     limit: int = Field(0, ge=0, description="Most dead letters to replay (0: all).")
     to: str | None = Field(None, description="Topic to republish to (default: each letter's source topic).")
+
+
+class StatusSettings(_Settings):
+    """`streamlearn status`: learning, drift, pipeline health and serving in the terminal."""
+
+    trainer: str = Field("http://127.0.0.1:9101", description="Base URL of the trainer's metrics endpoint.")
+    server: str = Field("http://127.0.0.1:8000", description="Base URL of the prediction server.")
+    watch: bool = Field(False, description="Refresh every --interval-s until Ctrl-C.")
+    interval_s: float = Field(2.0, gt=0, description="Seconds between refreshes with --watch.")

@@ -47,6 +47,10 @@ class BadRequest(StreamlearnError):
     """A prediction request does not fit the served model."""
 
 
+class MalformedBody(BadRequest):
+    """A request body is not JSON at all."""
+
+
 class InvalidReason(StrEnum):
     """Why a record was rejected: a bounded set, used as a metric label and a DLQ header."""
 

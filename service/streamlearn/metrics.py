@@ -174,6 +174,11 @@ class ServerMetrics:
             ["model"],
             registry=registry,
         )
+        self.ready = Gauge(
+            "streamlearn_server_ready",
+            "1 once the server has a snapshot loaded (as /readyz), else 0.",
+            registry=registry,
+        )
         self.reloads = Counter(
             "streamlearn_model_reloads_total", "Snapshots loaded by the server.", ["model"], registry=registry
         )

@@ -87,6 +87,7 @@ class ModelRegistry:
         self.metrics = metrics
         self._models: dict[str, ServedModel] = {}
         self._failed: dict[str, int] = {}  # newest version that failed to load, per model
+        metrics.ready.set_function(lambda: float(self.ready))
 
     @property
     def names(self) -> list[str]:

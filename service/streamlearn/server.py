@@ -16,13 +16,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streamlearn import __version__
 from streamlearn.config import ServeSettings
-from streamlearn.errors import BadRequest, ModelNotFound, ModelNotReady, StreamlearnError
+from streamlearn.errors import BadRequest, MalformedBody, ModelNotFound, ModelNotReady, StreamlearnError
 from streamlearn.metrics import ServerMetrics
 from streamlearn.registry import ModelRegistry
 from streamlearn.snapshots import SnapshotStore
@@ -30,13 +30,44 @@ from streamlearn.snapshots import SnapshotStore
 log = logging.getLogger(__name__)
 
 Number = Annotated[float, Field(strict=True)]  # ints and floats; never strings or booleans
-STATUS: dict[type[StreamlearnError], int] = {BadRequest: 422, ModelNotFound: 404, ModelNotReady: 503}
+# The most specific class first: the first match gives the status.
+STATUS: dict[type[StreamlearnError], int] = {
+    MalformedBody: 400,
+    BadRequest: 422,
+    ModelNotFound: 404,
+    ModelNotReady: 503,
+}
 
 
 class PredictRequest(BaseModel):
     """KServe V1 request: each instance is a feature list or a {name: value} object."""
 
     instances: list[list[Number] | dict[str, Number]] = Field(min_length=1)
+
+
+def parse_predict_request(body: bytes) -> PredictRequest:
+    """The body as a PredictRequest, whatever its content-type (curl -d sends a form type)."""
+    try:
+        return PredictRequest.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors()
+        if any(error["type"] == "json_invalid" for error in errors):
+            raise MalformedBody("request body is not valid JSON") from None
+        raise BadRequest(_first_error(errors)) from None
+
+
+def _first_error(errors: Any) -> str:
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"] if part != "body" and "[" not in str(part))
+    return f"{where or 'body'}: {first['msg']}"
+
+
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+    }
+}
 
 
 class PredictResponse(BaseModel):
@@ -153,9 +184,15 @@ def create_app(settings: ServeSettings | None = None, registry: CollectorRegistr
         """Readiness, version and provenance of one model."""
         return models.get(name).describe()
 
-    @app.post("/v1/models/{name}:predict", tags=["kserve-v1"], response_model_exclude_none=True)
-    async def predict(name: str, body: PredictRequest) -> PredictResponse:
+    @app.post(
+        "/v1/models/{name}:predict",
+        tags=["kserve-v1"],
+        response_model_exclude_none=True,
+        openapi_extra=PREDICT_BODY,
+    )
+    async def predict(name: str, request: Request) -> PredictResponse:
         """Predict with the newest snapshot; classification also returns class probabilities."""
+        body = parse_predict_request(await request.body())
         if len(body.instances) > settings.max_instances:
             raise BadRequest(f"too many instances: {len(body.instances)} > {settings.max_instances}")
         served = models.get(name)
@@ -183,12 +220,7 @@ def _register_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
-        errors = exc.errors()
-        if any(error["type"] == "json_invalid" for error in errors):
-            return JSONResponse({"error": "request body is not valid JSON"}, status_code=400)
-        first = errors[0]
-        where = ".".join(str(part) for part in first["loc"] if part not in ("body",))
-        return JSONResponse({"error": f"{where or 'body'}: {first['msg']}"}, status_code=422)
+        return JSONResponse({"error": _first_error(exc.errors())}, status_code=422)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:

@@ -10,18 +10,15 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-
-import orjson
-from prometheus_client.parser import text_string_to_metric_families
 
 from streamlearn import kafka
 from streamlearn.broker import EmbeddedBroker, ensure_port_free
 from streamlearn.config import UpSettings
 from streamlearn.snapshots import SnapshotStore
+from streamlearn.status import get_json, scrape
 from streamlearn.streams import stream_info
 
 log = logging.getLogger(__name__)
@@ -124,8 +121,8 @@ class Supervisor:
         return 0
 
     def _show_progress(self) -> None:
-        trainer = _scrape(f"http://127.0.0.1:{self.settings.metrics_port}/metrics")
-        served = _get_json(f"http://127.0.0.1:{self.settings.port}/v1/models/{MODEL_NAME}")
+        trainer = scrape(f"http://127.0.0.1:{self.settings.metrics_port}/metrics") or {}
+        served = get_json(f"http://127.0.0.1:{self.settings.port}/v1/models/{MODEL_NAME}")
         trained = int(trainer.get("streamlearn_records_trained_total", 0))
         accuracy = trainer.get('streamlearn_prequential_accuracy_ratio{window="1000"}')
         loss = trainer.get('streamlearn_prequential_loss{window="1000"}')
@@ -155,30 +152,6 @@ class Supervisor:
                     child.process.wait()
         if self.broker is not None:
             self.broker.stop()
-
-
-def _scrape(url: str) -> dict[str, float]:
-    """Samples of a /metrics page as {'name{labels}': value}; empty when it does not answer."""
-    try:
-        with urllib.request.urlopen(url, timeout=0.5) as response:
-            text = response.read().decode()
-    except OSError:
-        return {}
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
-            samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
-    return samples
-
-
-def _get_json(url: str) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=0.5) as response:
-            data: dict[str, Any] = orjson.loads(response.read())
-            return data
-    except (OSError, orjson.JSONDecodeError):
-        return None
 
 
 def run_up(settings: UpSettings, log_dir: Path = Path(".streamlearn/logs")) -> int:

@@ -1,0 +1,101 @@
+"""Writes dashboards/streamlearn.json: `python deploy/grafana/build_dashboard.py` after editing ROWS."""
+
+import json
+from pathlib import Path
+
+DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
+ROWS = {
+    "Learning": [
+        ("Prequential loss", "none", [
+            ('streamlearn_prequential_loss{window="1000"}', "last 1k {{instance}}"),
+            ('streamlearn_prequential_loss{window="10000"}', "last 10k {{instance}}"),
+        ]),
+        ("Prequential accuracy", "percentunit", [
+            ('streamlearn_prequential_accuracy_ratio{window="1000"}', "last 1k {{instance}}"),
+            ('streamlearn_prequential_accuracy_ratio{window="10000"}', "last 10k {{instance}}"),
+        ]),
+        ("Records learned per second", "short", [
+            ("streamlearn_records_per_second", "{{instance}}"),
+            ("sum(rate(streamlearn_records_consumed_total[1m]))", "consumed (all trainers)"),
+        ]),
+    ],
+    "Drift": [
+        ("Concept drift scores", "none", [("streamlearn_drift_score", "{{detector}} {{instance}}")]),
+        ("Feature and label drift", "none", [
+            ("streamlearn_feature_drift_psi_max", "feature PSI (max) {{instance}}"),
+            ("streamlearn_feature_drift_ks_max", "feature KS (max) {{instance}}"),
+            ("streamlearn_label_drift_score", "label {{instance}}"),
+        ]),
+        ("Drift detections (5m)", "short", [
+            ("sum by (detector) (increase(streamlearn_drift_detections_total[5m]))", "{{detector}}"),
+        ]),
+    ],
+    "Pipeline health": [
+        ("Consumer lag", "short", [("sum by (partition) (streamlearn_consumer_lag_records)", "partition {{partition}}")]),
+        ("Invalid records per second, by reason", "short", [
+            ("sum by (reason) (rate(streamlearn_records_invalid_total[1m]))", "{{reason}}"),
+        ]),
+        ("Snapshot age", "s", [
+            ("streamlearn_snapshot_age_seconds", "written {{instance}}"),
+            ("streamlearn_served_snapshot_age_seconds", "served {{model}}"),
+        ]),
+        ("Served vs trained version", "short", [
+            ("max(streamlearn_snapshot_version)", "trained"),
+            ("max(streamlearn_served_model_version)", "served"),
+        ]),
+        ("Kafka errors and snapshot failures per second", "short", [
+            ("sum(rate(streamlearn_kafka_errors_total[1m]))", "Kafka errors"),
+            ("sum(rate(streamlearn_snapshot_failures_total[1m]))", "snapshot failures"),
+        ]),
+    ],
+    "Serving": [
+        ("Predict requests per second", "reqps", [
+            ("sum by (code) (rate(streamlearn_predict_requests_total[1m]))", "{{code}}"),
+        ]),
+        ("Predict latency", "s", [
+            (f"histogram_quantile({q}, sum by (le) (rate(streamlearn_predict_latency_seconds_bucket[1m])))", f"p{p}")
+            for q, p in ((0.5, 50), (0.95, 95), (0.99, 99))
+        ]),
+        ("Predict error rate", "percentunit", [
+            ('sum(rate(streamlearn_predict_requests_total{code=~"4..|5.."}[1m]))'
+             " / clamp_min(sum(rate(streamlearn_predict_requests_total[1m])), 1e-9)", "errors"),
+        ]),
+        ("Server ready", "short", [("streamlearn_server_ready", "{{instance}}")]),
+    ],
+}  # fmt: skip
+ANNOTATION = "sum by (detector) (changes(streamlearn_drift_detections_total[1m])) > 0"
+
+
+def build() -> dict:
+    panels, y, panel_id = [], 0, 1
+    for row, charts in ROWS.items():
+        panels.append({"type": "row", "title": row, "id": panel_id, "collapsed": False,
+                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}})  # fmt: skip
+        panel_id, y = panel_id + 1, y + 1
+        width = 24 // len(charts)
+        for i, (title, unit, queries) in enumerate(charts):
+            panels.append({
+                "type": "timeseries", "title": title, "id": panel_id, "datasource": DATASOURCE,
+                "gridPos": {"h": 8, "w": width, "x": i * width, "y": y},
+                "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+                "targets": [{"refId": chr(65 + k), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
+                            for k, (expr, legend) in enumerate(queries)],
+            })  # fmt: skip
+            panel_id += 1
+        y += 8
+    return {
+        "title": "Streamlearn", "uid": "streamlearn", "schemaVersion": 39, "version": 1, "editable": True,
+        "refresh": "5s", "time": {"from": "now-30m", "to": "now"}, "tags": ["streamlearn"],
+        "templating": {"list": []},
+        "annotations": {"list": [{
+            "name": "Drift detections", "datasource": DATASOURCE, "enable": True, "iconColor": "red",
+            "expr": ANNOTATION, "step": "15s", "titleFormat": "Drift: {{detector}}", "useValueForTime": False,
+        }]},
+        "panels": panels,
+    }  # fmt: skip
+
+
+if __name__ == "__main__":
+    out = Path(__file__).parent / "dashboards" / "streamlearn.json"
+    out.write_text(json.dumps(build(), indent=2) + "\n")
+    print(f"wrote {out}")
