@@ -183,6 +183,7 @@ class DriftReport:
     """What one micro-batch's drift checks found."""
 
     concept: list[str]  # detectors that fired on the error stream
+    feature_psi: dict[str, float]  # every feature's PSI (empty until both windows are filled)
     feature_psi_max: float | None
     feature_ks_max: float | None
     top_features: list[tuple[str, float]]
@@ -253,8 +254,13 @@ class DriftMonitor:
         label_drift = label_score is not None and label_score > self.psi_threshold
         if label_drift:
             self.label_reference, self.label_recent, self.label_warmup = None, None, []
+        per_feature = (
+            dict(zip(self.feature_names, map(float, feature_scores[0]), strict=True))
+            if feature_scores
+            else {}
+        )
         report = DriftReport(
-            concept, psi_max, ks_max, top, label_score, feature_drift, label_drift,
+            concept, per_feature, psi_max, ks_max, top, label_score, feature_drift, label_drift,
             scores={"adwin": self._adwin_score(), "page_hinkley": self.page_hinkley.score},
         )  # fmt: skip
         for name in report.detected:

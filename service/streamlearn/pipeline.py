@@ -293,8 +293,8 @@ class Pipeline:
         if report.feature_psi_max is not None:
             m.feature_drift_psi.set(report.feature_psi_max)
             m.feature_drift_ks.set(report.feature_ks_max or 0.0)
-            if self.settings.drift_per_feature and len(self.drift.feature_names) <= 100:
-                for name, psi in report.top_features:
+            if self.settings.drift_per_feature and len(report.feature_psi) <= 100:  # cardinality guard
+                for name, psi in report.feature_psi.items():
                     m.feature_psi.labels(name).set(psi)
         if report.label_score is not None:
             m.label_drift.set(report.label_score)

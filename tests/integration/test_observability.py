@@ -79,7 +79,7 @@ def stack(bootstrap, prometheus_binaries, tmp_path_factory):
     processes = [
         subprocess.Popen([*base, "train", "--bootstrap", bootstrap, "--topic", topic, "--task", "binary",
                           "--snapshot-dir", str(root / "snapshots"), "--metrics-port", str(trainer_port),
-                          "--drift-window", "1000", "--log-level", "error"]),
+                          "--drift-window", "1000", "--drift-per-feature", "--log-level", "error"]),
         subprocess.Popen([*base, "serve", "--snapshot-dir", str(root / "snapshots"),
                           "--port", str(server_port), "--log-level", "error"]),
     ]  # fmt: skip
@@ -155,6 +155,16 @@ def test_every_dashboard_and_rule_query_works_on_real_data(stack):
         1.0,
         what="traffic",
     )
+
+    drift = wait_for(
+        lambda: (httpx.get(stack["server"] + "/v1/models/default").json().get("drift") or {}).get(
+            "top_drifting_features"
+        ),
+        60,
+        what="drift in the model status",
+    )
+    assert {feature["name"] for feature in drift} == {"f0", "f1", "f2"}
+    assert query(prometheus, "count(streamlearn_feature_drift_psi)")["result"][0]["value"][1] == "3"
 
     for expr in dashboard_queries():
         wait_for(lambda e=expr: query(prometheus, e)["result"], 30, interval_s=0.5, what=f"data for {expr}")
