@@ -125,6 +125,11 @@ class TrainSettings(_KafkaClientSettings):
     group_instance_id: str | None = Field(
         None, description="Static group membership id (e.g. the pod name): a restart keeps its partitions."
     )
+    resume_from: Literal["snapshot", "group"] = Field(
+        "snapshot",
+        description="Where to resume reading: the snapshot's offsets (exactly once), or the group's "
+        "committed offsets, keeping only the snapshot's weights (after the topic was recreated, say).",
+    )
     shutdown_timeout_s: float = Field(
         30.0,
         gt=0,

@@ -103,6 +103,14 @@ class Pipeline:
             self.trainer.restore(snapshot.tensors, snapshot.meta["training"])
             self.decoder.fix(spec.features)
         self.records_learned = int(snapshot.meta["records_trained"])
+        self.restored = snapshot
+        if self.settings.resume_from == "group":  # keep the weights; positions come from Kafka
+            log.info(
+                "resuming %s from snapshot v%d's weights, at the group's offsets",
+                self.settings.model_name,
+                snapshot.version,
+            )
+            return snapshot
         self.offsets = {
             (topic, int(partition)): int(offset)
             for topic, partitions in snapshot.meta["offsets"].items()
@@ -111,7 +119,6 @@ class Pipeline:
         dlq = snapshot.meta.get("dlq") or {}
         if dlq.get("topic") == self.settings.dead_letter_topic:
             self.dlq_marks = {int(p): int(o) for p, o in dlq.get("marks", {}).items()}
-        self.restored = snapshot
         log.info(
             "resuming %s from snapshot v%d (%d records learned)",
             self.settings.model_name,

@@ -74,6 +74,9 @@ class Supervisor:
         s = self.settings
         args = ["--bootstrap", bootstrap, "--topic", s.topic, "--model-name", MODEL_NAME,
                 "--snapshot-dir", str(s.snapshot_dir), "--metrics-port", str(s.metrics_port)]  # fmt: skip
+        if self.broker is not None:
+            # The embedded broker starts empty each time: earlier snapshots' offsets mean nothing to it.
+            args += ["--resume-from", "group"]
         if not s.demo:
             return [*args, "--task", s.task]
         info = stream_info(s.stream)

@@ -81,3 +81,12 @@ def test_up_demo_runs_everything_and_the_served_model_improves(tmp_path):
     assert accuracies and accuracies[-1] > 0.8, progress[-3:]
     snapshot = SnapshotStore(tmp_path / "snapshots").load_latest("default")
     assert snapshot is not None and snapshot.meta["records_trained"] > 1000
+
+    # A second demo in the same directory: a fresh in-memory broker, the model's weights kept.
+    ports = {"--broker-port": free_port(), "--port": free_port(), "--metrics-port": free_port()}
+    args = [item for flag, port in ports.items() for item in (flag, str(port))]
+    again = streamlearn("up", "--demo", "--duration-s", "15", "--rate", "400", *args, cwd=tmp_path)
+    _, err = again.communicate(timeout=60)
+    assert again.returncode == 0, err
+    second = SnapshotStore(tmp_path / "snapshots").load_latest("default")
+    assert second.meta["records_trained"] > snapshot.meta["records_trained"] + 1000  # it learned again
