@@ -41,7 +41,8 @@ format: install  ## apply ruff's formatting and autofixes
 	$(VENV)/bin/ruff format service tests bench
 	$(VENV)/bin/ruff check --fix service tests bench
 
-bench: install  ## run the benchmarks and rewrite docs/benchmarks.md
+bench: install  ## run the benchmarks and rewrite docs/benchmarks.md (installs River to compare with)
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run_all.py
 
 clean:  ## remove the venv and caches

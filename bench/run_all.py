@@ -5,6 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import bench_learning
 import bench_pipeline
 import bench_restart
 import bench_serving
@@ -13,7 +14,13 @@ from common import DOCS, machine
 
 
 def main() -> None:
-    sections = [*bench_training.main(), *bench_pipeline.main(), *bench_restart.main(), *bench_serving.main()]
+    sections = [
+        *bench_training.main(),
+        *bench_pipeline.main(),
+        *bench_restart.main(),
+        *bench_serving.main(),
+        *bench_learning.main(),
+    ]
     header = (
         "# Benchmarks\n\nWritten by `make bench` (bench/run_all.py); numbers from one run on "
         f"{machine()}. Each benchmark's constants are at the top of its file.\n\n"
