@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
 from streamlearn.broker import free_port
 from streamlearn.snapshots import SnapshotStore
@@ -19,8 +20,22 @@ FAST_ENV = {
 }
 
 
+SPAWNED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_behind():
+    """A failing test must not leave a streamlearn process running."""
+    yield
+    while SPAWNED:
+        process = SPAWNED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def streamlearn(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "-m", "streamlearn", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -28,6 +43,8 @@ def streamlearn(*args: str, **kwargs) -> subprocess.Popen:
         env=FAST_ENV,
         **kwargs,
     )
+    SPAWNED.append(process)
+    return process
 
 
 def test_produce_then_train_until_sigterm(bootstrap, make_topic, tmp_path):
