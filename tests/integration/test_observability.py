@@ -43,7 +43,10 @@ def prometheus_binaries() -> tuple[str, str]:
 
 def test_promtool_accepts_the_config_and_the_rules(prometheus_binaries):
     promtool, _ = prometheus_binaries
-    for check, path in (("config", DEPLOY / "prometheus" / "prometheus.yml"), ("rules", RULES)):
+    checks = [
+        ("config", DEPLOY / "prometheus" / name) for name in ("prometheus.yml", "prometheus-compose.yml")
+    ]
+    for check, path in [*checks, ("rules", RULES)]:
         result = subprocess.run(
             [promtool, "check", check, str(path)], capture_output=True, text=True, timeout=60
         )
