@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
 
 from streamlearn import kafka
 from streamlearn.errors import KafkaOperationError
@@ -214,9 +213,11 @@ def already_dead_lettered(
     bootstrap: str, overrides: Mapping[str, str], topic: str, marks: Mapping[int, int]
 ) -> set[Source]:
     """Sources of the dead letters published after `marks` (all of a partition without a mark)."""
-    if topic not in AdminClient(kafka.client_config(bootstrap, overrides)).list_topics(timeout=30).topics:
+    try:
+        letters = read_from(bootstrap, overrides, topic, marks)
+    except KafkaOperationError:  # no dead-letter topic yet: nothing was dead-lettered
         return set()
-    found = (source_of(message) for message in read_from(bootstrap, overrides, topic, marks))
+    found = (source_of(message) for message in letters)
     return {source for source in found if source is not None}
 
 

@@ -83,9 +83,7 @@ def make_consumer(
     return Consumer(client_config(bootstrap, overrides, **defaults))
 
 
-def make_producer(
-    bootstrap: str, overrides: Mapping[str, str], on_error: Callable[[KafkaError], None] | None = None
-) -> Producer:
+def make_producer(bootstrap: str, overrides: Mapping[str, str]) -> Producer:
     """An idempotent producer that waits for all in-sync replicas."""
     config = client_config(
         bootstrap,
@@ -94,7 +92,7 @@ def make_producer(
             "acks": "all",
             "enable.idempotence": True,
             "linger.ms": 5,
-            "error_cb": on_error or _log_error,
+            "error_cb": _log_error,
         },
     )
     return Producer(config)

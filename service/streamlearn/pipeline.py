@@ -220,7 +220,7 @@ class Pipeline:
         def final_checkpoint() -> None:
             if self.dirty or checkpoints.pending is not None:
                 self.checkpoint(wait=True, consumer=consumer)
-            elif not self.dirty:  # the newest snapshot holds these offsets; make sure Kafka has them
+            else:  # the newest snapshot holds these offsets; make sure Kafka has them
                 checkpoints.commit(consumer, self.offsets, asynchronous=False)
 
         run_bounded(final_checkpoint, timeout, "final checkpoint")

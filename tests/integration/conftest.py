@@ -5,6 +5,7 @@ STREAMLEARN_TEST_BOOTSTRAP is set. Nothing here stands in for Kafka.
 """
 
 import os
+import subprocess
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +22,25 @@ from streamlearn.pipeline import Pipeline
 
 # A first group join takes about half the session timeout; keep it short for tests.
 FAST_GROUP = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"}
+
+
+_spawned: list[subprocess.Popen] = []
+
+
+def track(process: subprocess.Popen) -> subprocess.Popen:
+    """Remember a process a test started, so that it is killed even when the test fails."""
+    _spawned.append(process)
+    return process
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind() -> Iterator[None]:
+    yield
+    while _spawned:
+        process = _spawned.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -6,32 +6,17 @@ import subprocess
 import sys
 
 import httpx
-import pytest
 
 from streamlearn.broker import free_port
 from streamlearn.snapshots import SnapshotStore
 
 from ..conftest import wait_for
-from .conftest import FAST_GROUP, committed
+from .conftest import FAST_GROUP, committed, track
 
 FAST_ENV = {
     **os.environ,
     **{f"STREAMLEARN_KAFKA_{k.upper().replace('.', '_')}": v for k, v in FAST_GROUP.items()},
 }
-
-
-SPAWNED: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def _nothing_left_behind():
-    """A failing test must not leave a streamlearn process running."""
-    yield
-    while SPAWNED:
-        process = SPAWNED.pop()
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def streamlearn(*args: str, **kwargs) -> subprocess.Popen:
@@ -43,8 +28,7 @@ def streamlearn(*args: str, **kwargs) -> subprocess.Popen:
         env=FAST_ENV,
         **kwargs,
     )
-    SPAWNED.append(process)
-    return process
+    return track(process)
 
 
 def test_produce_then_train_until_sigterm(bootstrap, make_topic, tmp_path):

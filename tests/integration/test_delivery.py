@@ -23,7 +23,7 @@ from streamlearn.snapshots import SnapshotStore
 from streamlearn.streams import records
 
 from ..conftest import wait_for
-from .conftest import committed, publish, read_topic
+from .conftest import committed, publish, read_topic, track
 from .proxy import TcpProxy
 
 POISON: dict[str, tuple[bytes | None, str]] = {
@@ -135,20 +135,6 @@ def test_poison_inputs_land_in_the_dlq_with_their_reason(bootstrap, make_topic, 
         assert ("trace", f"t{offset}".encode()) in letter.headers(), name
 
 
-SPAWNED: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def _no_trainer_left_behind():
-    """A failing test must not leave a trainer process running."""
-    yield
-    while SPAWNED:
-        process = SPAWNED.pop()
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
 def train_process(
     bootstrap: str, topic: str, snapshots: Path, crash: str | None = None, metrics_port: int = 0
 ) -> subprocess.Popen:
@@ -165,8 +151,7 @@ def train_process(
         stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
-    SPAWNED.append(process)
-    return process
+    return track(process)
 
 
 def test_kill_9_loses_nothing_and_learns_nothing_twice(bootstrap, make_topic, start_trainer, tmp_path):
