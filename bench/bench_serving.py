@@ -15,7 +15,7 @@ from streamlearn.broker import free_port
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.pipeline import snapshot_content
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
-from streamlearn.snapshots import SnapshotStore
+from streamlearn.snapshots import LocalSnapshotStore, SnapshotStore
 from streamlearn.trainer import Trainer, make_optimizer, pick_device
 
 REQUESTS = 2000
@@ -89,7 +89,7 @@ def bench_reload(base: str, store: SnapshotStore, trainer: Trainer) -> str:
 
 def main() -> list[str]:
     with tempfile.TemporaryDirectory() as root:
-        store, trainer = SnapshotStore(Path(root)), make_trainer()
+        store, trainer = LocalSnapshotStore(Path(root)), make_trainer()
         save(store, trainer)
         port = free_port()
         server = subprocess.Popen(

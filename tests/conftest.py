@@ -1,10 +1,17 @@
 """Factory fixtures shared by the unit tests."""
 
-from collections.abc import Callable
+import os
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
 
+import fsspec
 import numpy as np
 import pytest
 
+from streamlearn.broker import free_port
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
 from streamlearn.trainer import Trainer, make_optimizer, pick_device
@@ -63,3 +70,51 @@ def wait_for(condition, timeout_s: float = 30.0, interval_s: float = 0.05, what:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(interval_s)
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A local S3-compatible server (moto in server mode) on a free loopback port.
+
+    The AWS variables point this process, and the processes it starts, at it.
+    """
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL_S3": url}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        wait_for(lambda: _answers(f"{url}/moto-api/"), 60, what="the S3 server")
+        yield url
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.fixture
+def s3_url(s3_endpoint) -> str:
+    """s3://<a new bucket>/snapshots on the local S3 server."""
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(bucket)
+    return f"s3://{bucket}/snapshots"

@@ -81,6 +81,13 @@ def test_an_unwritable_snapshot_dir_is_one_line_and_exit_1(tmp_path):
     assert "is not writable" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_missing_bucket_is_one_line_and_exit_1(s3_endpoint):
+    result = run_cli("train", "--task", "binary", "--snapshot-dir", "s3://no-such-bucket-here/snapshots")
+    assert result.returncode == 1
+    assert "s3://no-such-bucket-here/snapshots is not writable" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_a_port_in_use_is_one_line_and_exit_1(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from streamlearn.config import ServeSettings
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import FeatureSpec, LabelSpec
-from streamlearn.snapshots import SnapshotStore
+from streamlearn.snapshots import LocalSnapshotStore
 from streamlearn.trainer import Trainer, make_optimizer, pick_device
 
 from .conftest import concept_batch, wait_for, write_snapshot
@@ -29,7 +29,7 @@ REGRESSION = ModelSpec(LabelSpec.create("regression"), FeatureSpec(3), "mlp", (8
 
 @pytest.fixture
 def store(tmp_path):
-    return SnapshotStore(tmp_path)
+    return LocalSnapshotStore(tmp_path)
 
 
 @pytest.fixture

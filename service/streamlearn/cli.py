@@ -30,6 +30,7 @@ from streamlearn.config import (
 from streamlearn.errors import StreamlearnError
 
 log = logging.getLogger("streamlearn")
+QUIET_LIBRARIES = ("aiobotocore", "botocore", "s3fs", "fsspec")
 
 
 class UsageError(Exception):
@@ -72,10 +73,10 @@ def run_train(settings: TrainSettings) -> int:
     from streamlearn.broker import ensure_port_free
     from streamlearn.metrics import TrainerMetrics
     from streamlearn.pipeline import Pipeline
-    from streamlearn.snapshots import SnapshotStore
+    from streamlearn.snapshots import open_store
 
     stop = _stop_event()  # first: a signal during start-up ends the trainer cleanly too
-    SnapshotStore(settings.snapshot_dir).ensure_writable()
+    open_store(settings.snapshot_dir).ensure_writable()
     if settings.metrics_port:
         ensure_port_free(settings.metrics_host, settings.metrics_port, "trainer metrics")
     kafka.check_reachable(settings.bootstrap, settings.kafka)
@@ -267,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             level=getattr(settings, "log_level", "info").upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+        for chatty in QUIET_LIBRARIES:  # their INFO lines (where credentials came from) are noise
+            logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
         return run(settings)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Task = Literal["regression", "binary", "multiclass"]
@@ -27,6 +27,14 @@ def kafka_overrides(environ: Mapping[str, str]) -> dict[str, str]:
         for name, value in environ.items()
         if name.startswith(KAFKA_ENV_PREFIX) and len(name) > len(KAFKA_ENV_PREFIX)
     }
+
+
+def _location(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+# A directory path or an fsspec URL; Path objects are accepted and kept as their text.
+SnapshotLocation = Annotated[str, BeforeValidator(_location), Field(min_length=1)]
 
 
 def _split_commas(value: Any) -> Any:
@@ -67,7 +75,9 @@ class TrainSettings(_KafkaClientSettings):
     model_name: str = Field(
         "default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Name the model is served under."
     )
-    snapshot_dir: Path = Field(Path("snapshots"), description="Directory the snapshots are written to.")
+    snapshot_dir: SnapshotLocation = Field(
+        "snapshots", description="Directory, or object-store URL (s3://bucket/prefix), to write snapshots to."
+    )
     task: Task = Field(description="What the label is: regression, binary or multiclass.")
     classes: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Class names, comma-separated (multiclass; or two names for binary)."
@@ -188,7 +198,9 @@ class TrainSettings(_KafkaClientSettings):
 class ServeSettings(_Settings):
     """`streamlearn serve`: the KServe V1 prediction server."""
 
-    snapshot_dir: Path = Field(Path("snapshots"), description="Directory the trainer writes snapshots to.")
+    snapshot_dir: SnapshotLocation = Field(
+        "snapshots", description="Directory, or object-store URL (s3://bucket/prefix), of the snapshots."
+    )
     host: str = Field("127.0.0.1", description="Address the server listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the server listens on.")
     reload_interval_s: float = Field(0.2, gt=0, le=60, description="How often to look for a new snapshot.")
@@ -223,7 +235,9 @@ class UpSettings(_Settings):
     )
     port: int = Field(8000, ge=1, le=65535, description="Port of the prediction server.")
     metrics_port: int = Field(9101, ge=1, le=65535, description="Port of the trainer's /metrics.")
-    snapshot_dir: Path = Field(Path("snapshots"), description="Directory of the snapshots.")
+    snapshot_dir: SnapshotLocation = Field(
+        "snapshots", description="Directory, or object-store URL (s3://bucket/prefix), of the snapshots."
+    )
 
 
 class DlqInspectSettings(_Settings):

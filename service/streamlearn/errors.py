@@ -31,6 +31,10 @@ class SnapshotError(StreamlearnError):
     """A snapshot cannot be written or read."""
 
 
+class SnapshotStoreUnavailable(StreamlearnError):
+    """The snapshot store (an object store, say) cannot be reached: retry, never fall back."""
+
+
 class SnapshotMismatch(SnapshotError):
     """A snapshot does not fit the model or data it is being loaded into."""
 

@@ -9,7 +9,7 @@ import functools
 import os
 import signal
 
-POINTS = ("snapshot.before_rename", "snapshot.after_rename", "commit.before", "dlq.after_send")
+POINTS = ("snapshot.before_publish", "snapshot.after_publish", "commit.before", "dlq.after_send")
 _reached: dict[str, int] = {}
 
 

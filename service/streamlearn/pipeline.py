@@ -26,7 +26,7 @@ from streamlearn.errors import ConfigError, SnapshotError, SnapshotMismatch
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec, RecordDecoder, Rejected
-from streamlearn.snapshots import Snapshot, SnapshotStore
+from streamlearn.snapshots import Snapshot, open_store
 from streamlearn.trainer import WINDOWS, Trainer, make_optimizer, pick_device
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class Pipeline:
         self.device = pick_device(settings.device)
         if settings.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.store = SnapshotStore(settings.snapshot_dir, settings.keep_snapshots)
+        self.store = open_store(settings.snapshot_dir, settings.keep_snapshots)
         self.labels = LabelSpec.create(settings.task, settings.classes, settings.num_classes)
         features = FeatureSpec(settings.n_features or len(settings.feature_names), settings.feature_names)
         self.decoder = RecordDecoder(

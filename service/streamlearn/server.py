@@ -22,10 +22,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streamlearn import __version__
 from streamlearn.config import ServeSettings
-from streamlearn.errors import BadRequest, MalformedBody, ModelNotFound, ModelNotReady, StreamlearnError
+from streamlearn.errors import (
+    BadRequest,
+    MalformedBody,
+    ModelNotFound,
+    ModelNotReady,
+    SnapshotStoreUnavailable,
+    StreamlearnError,
+)
 from streamlearn.metrics import ServerMetrics
 from streamlearn.registry import ModelRegistry
-from streamlearn.snapshots import SnapshotStore
+from streamlearn.snapshots import open_store
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +129,11 @@ def create_app(settings: ServeSettings | None = None, registry: CollectorRegistr
     """Build the server: one app serves every model found in the snapshot directory."""
     settings = settings or ServeSettings()
     metrics = ServerMetrics(registry or CollectorRegistry())
-    models = ModelRegistry(SnapshotStore(settings.snapshot_dir), metrics)
+    models = ModelRegistry(open_store(settings.snapshot_dir), metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(models.refresh)
+        await _refresh(models)
         reloader = asyncio.create_task(_reload_forever(models, settings.reload_interval_s))
         yield
         reloader.cancel()
@@ -204,12 +211,26 @@ def create_app(settings: ServeSettings | None = None, registry: CollectorRegistr
 
 
 async def _reload_forever(models: ModelRegistry, interval_s: float) -> None:
+    healthy = True
     while True:
         await asyncio.sleep(interval_s)
-        try:
-            await asyncio.to_thread(models.refresh)
-        except Exception:  # a bad directory state must never stop reloading
-            log.exception("snapshot reload failed")
+        healthy = await _refresh(models, quiet=not healthy)
+
+
+async def _refresh(models: ModelRegistry, quiet: bool = False) -> bool:
+    """Look for new snapshots; an outage is logged once, when it starts, and again when it ends."""
+    try:
+        await asyncio.to_thread(models.refresh)
+    except SnapshotStoreUnavailable as exc:  # keep serving the models we have, keep trying
+        if not quiet:
+            log.warning("%s; serving the loaded models until it is back", exc)
+        return False
+    except Exception:  # a bad directory state must never stop reloading
+        log.exception("snapshot reload failed")
+        return True
+    if quiet:
+        log.info("the snapshot store is reachable again")
+    return True
 
 
 def _register_error_handlers(app: FastAPI) -> None:

@@ -17,7 +17,7 @@ from typing import IO, Any
 from streamlearn import kafka
 from streamlearn.broker import EmbeddedBroker, ensure_port_free
 from streamlearn.config import UpSettings
-from streamlearn.snapshots import SnapshotStore
+from streamlearn.snapshots import open_store
 from streamlearn.status import get_json, scrape
 from streamlearn.streams import stream_info
 
@@ -50,7 +50,7 @@ class Supervisor:
         s = self.settings
         for port, what in ((s.port, "prediction server"), (s.metrics_port, "trainer metrics")):
             ensure_port_free("127.0.0.1", port, what)
-        SnapshotStore(s.snapshot_dir).ensure_writable()
+        open_store(s.snapshot_dir).ensure_writable()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGTERM, self._stop)

@@ -8,7 +8,7 @@ import sys
 import httpx
 
 from streamlearn.broker import free_port
-from streamlearn.snapshots import SnapshotStore
+from streamlearn.snapshots import LocalSnapshotStore
 
 from ..conftest import wait_for
 from .conftest import FAST_GROUP, committed, track
@@ -44,7 +44,7 @@ def test_produce_then_train_until_sigterm(bootstrap, make_topic, tmp_path):
         "train", "--bootstrap", bootstrap, "--topic", topic, "--task", "regression", "--group", f"g-{topic}",
         "--snapshot-dir", str(tmp_path), "--metrics-port", str(metrics_port),
     )  # fmt: skip
-    store = SnapshotStore(tmp_path)
+    store = LocalSnapshotStore(tmp_path)
     wait_for(
         lambda: (s := store.load_latest("default")) and s.meta["offsets"].get(topic, {}).get("0") == 3000,
         60,
@@ -80,7 +80,7 @@ def test_up_demo_runs_everything_and_the_served_model_improves(tmp_path):
     progress = [line for line in out.replace("\r", "\n").splitlines() if line.startswith("trained")]
     accuracies = [float(line.split("accuracy ")[1].split()[0]) for line in progress if "accuracy" in line]
     assert accuracies and accuracies[-1] > 0.8, progress[-3:]
-    snapshot = SnapshotStore(tmp_path / "snapshots").load_latest("default")
+    snapshot = LocalSnapshotStore(tmp_path / "snapshots").load_latest("default")
     assert snapshot is not None and snapshot.meta["records_trained"] > 1000
 
     # A second demo in the same directory: a fresh in-memory broker, the model's weights kept.
@@ -89,5 +89,5 @@ def test_up_demo_runs_everything_and_the_served_model_improves(tmp_path):
     again = streamlearn("up", "--demo", "--duration-s", "15", "--rate", "400", *args, cwd=tmp_path)
     _, err = again.communicate(timeout=60)
     assert again.returncode == 0, err
-    second = SnapshotStore(tmp_path / "snapshots").load_latest("default")
+    second = LocalSnapshotStore(tmp_path / "snapshots").load_latest("default")
     assert second.meta["records_trained"] > snapshot.meta["records_trained"] + 1000  # it learned again

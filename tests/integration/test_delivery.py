@@ -19,7 +19,7 @@ from confluent_kafka import Producer
 
 from streamlearn.broker import EmbeddedBroker, free_port
 from streamlearn.dlq import H_REASON, header, source_of
-from streamlearn.snapshots import SnapshotStore
+from streamlearn.snapshots import LocalSnapshotStore, SnapshotStore
 from streamlearn.streams import records
 
 from ..conftest import wait_for
@@ -117,7 +117,7 @@ def test_poison_inputs_land_in_the_dlq_with_their_reason(bootstrap, make_topic, 
         producer.produce(topic, value, key=f"key-{i}".encode(), headers=[("trace", f"t{i}".encode())])
     assert producer.flush(30) == 0
     trainer = start_trainer(topic, task="binary", n_features=3, max_record_bytes=4096)
-    store = SnapshotStore(tmp_path / "snapshots")
+    store = LocalSnapshotStore(tmp_path / "snapshots")
     snapshot = wait_for(
         lambda: offsets_done(store, topic, {0: len(values)}), 60, what="all offsets processed"
     )
@@ -136,7 +136,7 @@ def test_poison_inputs_land_in_the_dlq_with_their_reason(bootstrap, make_topic, 
 
 
 def train_process(
-    bootstrap: str, topic: str, snapshots: Path, crash: str | None = None, metrics_port: int = 0
+    bootstrap: str, topic: str, snapshots: Path | str, crash: str | None = None, metrics_port: int = 0
 ) -> subprocess.Popen:
     env = {**os.environ, "STREAMLEARN_CRASH_AT": crash or ""}
     process = subprocess.Popen(
@@ -159,11 +159,11 @@ def test_kill_9_loses_nothing_and_learns_nothing_twice(bootstrap, make_topic, st
     values, invalid = stream(n, invalid_every=11)
     producer = PacedProducer(bootstrap, topic, values, per_second=50)  # still arriving through every crash
     producer.start()
-    store = SnapshotStore(tmp_path / "crashing")
+    store = LocalSnapshotStore(tmp_path / "crashing")
     rng = random.Random(3)
     crashes = [
-        "snapshot.before_rename:2",
-        "snapshot.after_rename:2",
+        "snapshot.before_publish:2",
+        "snapshot.after_publish:2",
         None,  # kill -9 at a random moment
         "commit.before:3",
         "dlq.after_send:2",
@@ -203,7 +203,7 @@ def test_kill_9_loses_nothing_and_learns_nothing_twice(bootstrap, make_topic, st
         topic, task="binary", group=f"ref-{topic}", snapshot_dir=tmp_path / "reference", deterministic=True,
         batch_size=50, hidden="16", max_record_bytes=4096, dlq_topic="",
     )  # fmt: skip
-    reference_store = SnapshotStore(tmp_path / "reference")
+    reference_store = LocalSnapshotStore(tmp_path / "reference")
     expected = wait_for(lambda: offsets_done(reference_store, topic, {0: n}), 120, what="the reference run")
     reference.stop()
     assert expected.meta["records_trained"] == snapshot.meta["records_trained"]
@@ -231,12 +231,14 @@ def test_a_trainer_joining_and_leaving_shares_the_work_without_overlap(
     second.stop()
     ends = dict.fromkeys(range(partitions), per_partition)
     wait_for(
-        lambda: offsets_done(SnapshotStore(tmp_path / "a"), topic, ends), 120, what="the first catching up"
+        lambda: offsets_done(LocalSnapshotStore(tmp_path / "a"), topic, ends),
+        120,
+        what="the first catching up",
     )
     first.stop()
 
-    learned_a = SnapshotStore(tmp_path / "a").load_latest("default").meta["records_trained"]
-    learned_b = SnapshotStore(tmp_path / "b").load_latest("default").meta["records_trained"]
+    learned_a = LocalSnapshotStore(tmp_path / "a").load_latest("default").meta["records_trained"]
+    learned_b = LocalSnapshotStore(tmp_path / "b").load_latest("default").meta["records_trained"]
     assert learned_b >= 50 and learned_a > 0
     assert learned_a + learned_b == expected_valid
     sources = [source_of(m) for m in read_topic(bootstrap, f"{topic}.dlq")]
@@ -256,7 +258,7 @@ def test_the_trainer_survives_a_broker_outage_and_finishes(make_topic, start_tra
         values, invalid = stream(1200, invalid_every=10)
         publish(bootstrap, topic, values[:600])
         trainer = start_trainer(topic, bootstrap=bootstrap, task="binary", max_record_bytes=4096)
-        store = SnapshotStore(tmp_path / "snapshots")
+        store = LocalSnapshotStore(tmp_path / "snapshots")
         wait_for(lambda: offsets_done(store, topic, {0: 600}), 60, what="the first half learned")
 
         proxy.cut()
@@ -287,7 +289,7 @@ def test_an_unwritable_snapshot_dir_stops_commits_until_it_recovers(
     values, _ = stream(400, invalid_every=0)
     publish(bootstrap, topic, values[:200])
     trainer = start_trainer(topic, task="binary")
-    store = SnapshotStore(tmp_path / "snapshots")
+    store = LocalSnapshotStore(tmp_path / "snapshots")
     wait_for(lambda: committed(bootstrap, f"group-{topic}", topic) == [200], 60, what="the first commit")
 
     model_dir = tmp_path / "snapshots" / "default"
@@ -307,7 +309,7 @@ def test_a_corrupt_newest_snapshot_is_skipped_and_nothing_is_lost(bootstrap, mak
     topic = make_topic()
     values, invalid = stream(1000, invalid_every=20)
     PacedProducer(bootstrap, topic, values[:500], per_second=40).start()  # several snapshots. worth
-    store = SnapshotStore(tmp_path)
+    store = LocalSnapshotStore(tmp_path)
     crashed = train_process(bootstrap, topic, tmp_path, crash="commit.before:3")
     crashed.wait(60)
     assert crashed.returncode == -signal.SIGKILL
@@ -342,7 +344,9 @@ def test_dlq_inspect_and_replay_as_users_run_them(bootstrap, make_topic, start_t
         producer.produce(topic, value, key=f"k{i}".encode(), headers=[("origin", b"test")])
     assert producer.flush(30) == 0
     trainer = start_trainer(topic, task="binary")
-    wait_for(lambda: offsets_done(SnapshotStore(tmp_path / "snapshots"), topic, {0: 3}), 60, what="processed")
+    wait_for(
+        lambda: offsets_done(LocalSnapshotStore(tmp_path / "snapshots"), topic, {0: 3}), 60, what="processed"
+    )
     trainer.stop()
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,7 @@ import torch
 from streamlearn.broker import free_port
 from streamlearn.models import ModelSpec
 from streamlearn.records import FeatureSpec, LabelSpec
-from streamlearn.snapshots import SnapshotStore
+from streamlearn.snapshots import LocalSnapshotStore
 
 from ..conftest import concept_batch, wait_for, write_snapshot
 from ..test_server import trained
@@ -30,7 +30,7 @@ def server(tmp_path):
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: _answers(base + "/healthz"), 30, what="server up")
-    yield base, SnapshotStore(tmp_path)
+    yield base, LocalSnapshotStore(tmp_path)
     process.terminate()
     assert process.wait(30) == 0
 

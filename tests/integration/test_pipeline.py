@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from streamlearn.config import ServeSettings
 from streamlearn.errors import InvalidReason
 from streamlearn.server import create_app
-from streamlearn.snapshots import SnapshotStore
+from streamlearn.snapshots import LocalSnapshotStore, SnapshotStore
 from streamlearn.streams import records
 
 from ..conftest import wait_for
@@ -31,7 +31,7 @@ def test_a_concept_streamed_through_kafka_is_learned_and_served(
     train = sea_values(8000, seed=1)
     publish(bootstrap, topic, [orjson.dumps(r) for r in train])
     trainer = start_trainer(topic, task="binary", arch="mlp")
-    store = SnapshotStore(tmp_path / "snapshots")
+    store = LocalSnapshotStore(tmp_path / "snapshots")
     wait_for(
         lambda: (s := latest(store)) and s.meta["records_trained"] == 8000, 60, what="all records learned"
     )
@@ -69,7 +69,7 @@ def test_invalid_records_are_counted_by_reason_and_never_learned(
     values = valid[:100] + list(invalid.values()) + valid[100:]
     publish(bootstrap, topic, values)
     trainer = start_trainer(topic, task="binary", n_features=3)
-    store = SnapshotStore(tmp_path / "snapshots")
+    store = LocalSnapshotStore(tmp_path / "snapshots")
     snapshot = wait_for(
         lambda: (s := latest(store)) and s.meta["offsets"].get(topic, {}).get("0") == len(values) and s,
         60,
@@ -93,7 +93,7 @@ def test_offsets_are_committed_once_the_snapshot_holding_them_is_written(
             partition,
         )
     trainer = start_trainer(topic, task="binary")
-    store = SnapshotStore(tmp_path / "snapshots")
+    store = LocalSnapshotStore(tmp_path / "snapshots")
     snapshot = wait_for(
         lambda: (s := latest(store)) and s.meta["records_trained"] == 600 and s,
         60,
@@ -118,7 +118,7 @@ def test_a_restarted_trainer_resumes_where_its_snapshot_ends(bootstrap, make_top
     topic = make_topic()
     publish(bootstrap, topic, [orjson.dumps(r) for r in sea_values(500, seed=4)])
     first = start_trainer(topic, task="binary")
-    store = SnapshotStore(tmp_path / "snapshots")
+    store = LocalSnapshotStore(tmp_path / "snapshots")
     wait_for(lambda: (s := latest(store)) and s.meta["records_trained"] == 500, 60, what="first 500")
     first.stop()
     version = latest(store).version
@@ -142,7 +142,7 @@ def test_a_snapshot_of_another_task_is_refused_with_a_clear_error(
     topic = make_topic()
     publish(bootstrap, topic, [orjson.dumps(r) for r in sea_values(50, seed=6)])
     first = start_trainer(topic, task="binary")
-    wait_for(lambda: latest(SnapshotStore(tmp_path / "snapshots")), 60, what="a snapshot")
+    wait_for(lambda: latest(LocalSnapshotStore(tmp_path / "snapshots")), 60, what="a snapshot")
     first.stop()
     with pytest.raises(SnapshotMismatch, match="use another --model-name"):
         start_trainer(topic, task="regression")
