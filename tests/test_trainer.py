@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from streamlearn.errors import ConfigError
 from streamlearn.records import DecodedBatch
+from streamlearn.trainer import pick_device
 
 from .conftest import concept_batch
 
@@ -92,3 +94,10 @@ def test_a_model_with_non_finite_weights_is_never_snapshotted(make_trainer):
         next(trainer.model.parameters())[0, 0] = float("nan")
     with pytest.raises(SnapshotError, match="non-finite"):
         snapshot_content(trainer, 64, {}, {})
+
+
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    with pytest.raises(ConfigError, match="--device cuda: no CUDA device"):
+        pick_device("cuda")
+    assert pick_device("auto").type == "cpu"

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from streamlearn.errors import ConfigError
 from streamlearn.models import OnlineModel
 from streamlearn.records import DecodedBatch
 
@@ -32,7 +33,10 @@ def make_optimizer(
 
 
 def pick_device(requested: str) -> torch.device:
-    """CUDA when asked for or (auto) when present; otherwise the CPU."""
+    """CUDA when asked for or (auto) when present; otherwise the CPU. Asked-for CUDA must exist."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        build = f"torch {torch.__version__}" + (" without CUDA" if torch.version.cuda is None else "")
+        raise ConfigError(f"--device cuda: no CUDA device is available ({build})")
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
