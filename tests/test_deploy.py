@@ -1,7 +1,9 @@
-"""docker-compose.yml and the Dockerfile, checked structurally (no Docker engine needed)."""
+"""The deployment artifacts, checked without Docker or a cluster: docker-compose.yml and the
+Dockerfile structurally, deploy/k8s against the Kubernetes schemas (offline) and our own settings."""
 
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -11,7 +13,7 @@ from streamlearn.config import ServeSettings, TrainSettings
 ROOT = Path(__file__).parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-STREAMLEARN_SERVICES = ("trainer", "server", "producer")
+STREAMLEARN_SERVICES = ("trainer", "trainer-gpu", "server", "producer")
 SETTINGS = {f"STREAMLEARN_{name.upper()}" for model, _, _ in COMMANDS.values() for name in model.model_fields}
 
 
@@ -37,6 +39,7 @@ def test_every_image_is_pinned():
 
 def test_snapshots_are_written_by_the_trainer_and_only_read_by_the_server():
     assert "snapshots:/snapshots" in SERVICES["trainer"]["volumes"]
+    assert "snapshots:/snapshots" in SERVICES["trainer-gpu"]["volumes"]
     assert "snapshots:/snapshots:ro" in SERVICES["server"]["volumes"]
 
 
@@ -58,7 +61,10 @@ def test_service_commands_parse_as_streamlearn_commands(name):
 def test_published_ports_match_the_defaults_and_stay_on_loopback():
     ports = {name: service.get("ports", []) for name, service in SERVICES.items()}
     assert ports["server"] == [f"127.0.0.1:{ServeSettings.model_fields['port'].default}:8000"]
-    assert ports["trainer"] == [f"127.0.0.1:{TrainSettings.model_fields['metrics_port'].default}:9101"]
+    for trainer in ("trainer", "trainer-gpu"):
+        assert ports[trainer] == [f"127.0.0.1:{TrainSettings.model_fields['metrics_port'].default}:9101"]
+    assert ports["kafka"] == ["127.0.0.1:9094:9094"]
+    assert "EXTERNAL://127.0.0.1:9094" in SERVICES["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
     assert all(port.startswith("127.0.0.1:") for published in ports.values() for port in published)
 
 
@@ -74,6 +80,200 @@ def test_the_image_runs_as_an_ordinary_user_with_cpu_torch_first():
     dockerfile = (ROOT / "Dockerfile").read_text()
     users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
-    assert dockerfile.index('"$TORCH_SPEC"') < dockerfile.index("pip install .")
+    assert dockerfile.index('"$TORCH_SPEC"') < dockerfile.index('pip install ".[s3]"')
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
     assert 'ENTRYPOINT ["streamlearn"]' in dockerfile
     assert ".venv" in (ROOT / ".dockerignore").read_text()
+
+
+def test_the_gpu_profile_reserves_a_gpu_for_a_cuda_trainer():
+    gpu = SERVICES["trainer-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert build_parser().parse_args(gpu["command"]).device == "cuda"
+    assert "whl/cu" in gpu["build"]["args"]["TORCH_INDEX_URL"] and gpu["image"].endswith("-cuda")
+    same = ("STREAMLEARN_BOOTSTRAP", "STREAMLEARN_TOPIC", "STREAMLEARN_SNAPSHOT_DIR")
+    assert all(gpu["environment"][name] == SERVICES["trainer"]["environment"][name] for name in same)
+
+
+# -- Kubernetes ---------------------------------------------------------------------------------
+
+K8S = ROOT / "deploy" / "k8s"
+KUSTOMIZATION = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+K8S_VERSION = "1.30.0"  # the oldest Kubernetes release still commonly run that the manifests target
+
+
+def load_all(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+MANIFESTS = [doc for name in KUSTOMIZATION["resources"] for doc in load_all(K8S / name)]
+EXAMPLE_SECRETS = load_all(K8S / "secrets.example.yaml")
+
+
+def find(kind: str, name: str, docs: list[dict] = MANIFESTS) -> dict:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
+    return matches[0]
+
+
+def containers(workload: dict) -> list[dict]:
+    return workload["spec"]["template"]["spec"]["containers"]
+
+
+def merge(base, patch):
+    """A strategic merge as kustomize does it for these patches: maps deep, named lists by name."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{key: merge(base.get(key), value) for key, value in patch.items()}}
+    if isinstance(base, list) and isinstance(patch, list) and all("name" in item for item in base + patch):
+        names = [item["name"] for item in base] + [
+            i["name"] for i in patch if i["name"] not in {b["name"] for b in base}
+        ]
+        by_name = {item["name"]: item for item in base}
+        for item in patch:
+            by_name[item["name"]] = merge(by_name.get(item["name"]), item)
+        return [by_name[name] for name in names]
+    return patch
+
+
+def selects(service: dict, workload: dict) -> bool:
+    if workload["kind"] not in ("StatefulSet", "Deployment"):
+        return False
+    return service["spec"]["selector"].items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_every_manifest_file_is_in_the_kustomization():
+    files = {path.name for path in K8S.glob("*.yaml")} - {"kustomization.yaml", "secrets.example.yaml"}
+    assert set(KUSTOMIZATION["resources"]) == files
+    assert KUSTOMIZATION["namespace"] == find("Namespace", "streamlearn")["metadata"]["name"]
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [d for d in MANIFESTS + EXAMPLE_SECRETS if not d["apiVersion"].startswith("monitoring.coreos.com/")],
+    ids=lambda d: f"{d['kind']}/{d['metadata']['name']}",
+)
+def test_manifests_are_valid_kubernetes_objects(doc):
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises on an unknown or wrong field
+
+
+def test_the_trainer_is_a_stateful_set_with_a_stable_group_member_id():
+    trainer = find("StatefulSet", "streamlearn-trainer")
+    assert trainer["spec"]["replicas"] == 1  # one trainer per model
+    assert trainer["spec"]["serviceName"] == find("Service", "streamlearn-trainer")["metadata"]["name"]
+    env = {item["name"]: item for item in containers(trainer)[0]["env"]}
+    assert env["STREAMLEARN_GROUP_INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+def test_the_server_has_health_probes_and_an_autoscaler():
+    server = find("Deployment", "streamlearn-server")
+    container = containers(server)[0]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"http": ServeSettings.model_fields["port"].default}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    hpa = find("HorizontalPodAutoscaler", "streamlearn-server")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "streamlearn-server",
+    }
+    assert hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    assert find("PodDisruptionBudget", "streamlearn-server")["spec"]["minAvailable"] >= 1
+
+
+@pytest.mark.parametrize(
+    "kind, name", [("StatefulSet", "streamlearn-trainer"), ("Deployment", "streamlearn-server")]
+)
+def test_workloads_are_bounded_unprivileged_and_parse_as_commands(kind, name):
+    workload = find(kind, name)
+    spec = workload["spec"]
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    uid = int(
+        next(line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("USER "))
+        .split()[1]
+        .split(":")[0]
+    )
+    assert spec["template"]["spec"]["securityContext"]["runAsUser"] == uid
+    for container in containers(workload):
+        assert {"cpu", "memory"} <= container["resources"]["requests"].keys()
+        assert {"cpu", "memory"} <= container["resources"]["limits"].keys()
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        build_parser().parse_args(container["args"])  # raises UsageError on a wrong flag
+
+
+def test_every_variable_the_manifests_set_is_a_real_setting_and_credentials_come_from_secrets():
+    config = [doc for doc in MANIFESTS if doc["kind"] == "ConfigMap"]
+    names = [name for doc in config for name in doc["data"]]
+    for workload in (find("StatefulSet", "streamlearn-trainer"), find("Deployment", "streamlearn-server")):
+        names += [item["name"] for container in containers(workload) for item in container.get("env", [])]
+    for name in names:
+        if name.startswith("STREAMLEARN_") and not name.startswith("STREAMLEARN_KAFKA_"):
+            assert name in SETTINGS, f"{name} is no setting"
+    assert not [name for name in names if any(word in name for word in ("PASSWORD", "SECRET", "USERNAME"))]
+    secrets = {doc["metadata"]["name"]: doc for doc in EXAMPLE_SECRETS}
+    assert "STREAMLEARN_KAFKA_SASL_PASSWORD" in secrets["streamlearn-kafka-credentials"]["stringData"]
+    trainer = containers(find("StatefulSet", "streamlearn-trainer"))[0]
+    referenced = {ref["secretRef"]["name"] for ref in trainer["envFrom"] if "secretRef" in ref}
+    assert {"streamlearn-kafka-credentials", "streamlearn-trainer-s3"} <= referenced <= secrets.keys()
+
+
+def test_trainer_and_server_share_one_snapshot_store():
+    snapshots = find("ConfigMap", "streamlearn-snapshots")["data"]["STREAMLEARN_SNAPSHOT_DIR"]
+    assert snapshots.startswith("s3://")
+    for kind, name in (("StatefulSet", "streamlearn-trainer"), ("Deployment", "streamlearn-server")):
+        refs = containers(find(kind, name))[0]["envFrom"]
+        assert {"configMapRef": {"name": "streamlearn-snapshots"}} in refs, name
+
+
+def test_services_and_the_service_monitor_reach_named_ports():
+    monitor = find("ServiceMonitor", "streamlearn")
+    selected = [
+        doc for doc in MANIFESTS
+        if doc["kind"] == "Service"
+        and monitor["spec"]["selector"]["matchLabels"].items() <= doc["metadata"]["labels"].items()
+    ]  # fmt: skip
+    assert {service["metadata"]["name"] for service in selected} == {
+        "streamlearn-trainer",
+        "streamlearn-server",
+    }
+    exposed = {port["name"] for service in selected for port in service["spec"]["ports"]}
+    assert {endpoint["port"] for endpoint in monitor["spec"]["endpoints"]} == exposed
+    for service in selected:
+        pods = [workload for workload in MANIFESTS if selects(service, workload)]
+        assert len(pods) == 1
+        named = {port["name"] for container in containers(pods[0]) for port in container["ports"]}
+        assert {port["targetPort"] for port in service["spec"]["ports"]} <= named
+
+
+def test_the_prometheus_rule_is_the_alert_file():
+    rule = find("PrometheusRule", "streamlearn")
+    assert rule["spec"] == yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+
+
+def test_images_are_pinned():
+    assert all(image.get("newTag") not in (None, "latest") for image in KUSTOMIZATION["images"])
+    for workload in MANIFESTS:
+        if workload["kind"] in ("StatefulSet", "Deployment"):
+            for container in containers(workload):
+                assert container["image"] in {image["name"] for image in KUSTOMIZATION["images"]}
+
+
+def test_the_gpu_overlay_puts_the_trainer_on_one_gpu():
+    overlay = yaml.safe_load((K8S / "gpu" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == [".."]
+    [patch_path] = [patch["path"] for patch in overlay["patches"]]
+    patch = yaml.safe_load((K8S / "gpu" / patch_path).read_text())
+    trainer = merge(find(patch["kind"], patch["metadata"]["name"]), patch)
+    kubernetes_validate.validate(trainer, K8S_VERSION, strict=True)
+    [container] = containers(trainer)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert (
+        container["resources"]["requests"]
+        == containers(find("StatefulSet", "streamlearn-trainer"))[0]["resources"]["requests"]
+    )
+    assert build_parser().parse_args(container["args"]).device == "cuda"
+    assert container["image"] in {image["name"] for image in overlay["images"]}
+    assert all(image["newTag"].endswith("-cuda") for image in overlay["images"])
