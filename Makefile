@@ -13,11 +13,11 @@ help:  ## list the targets
 
 install: $(VENV)/.installed  ## create .venv and install streamlearn with its dev tools
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints-dev.txt -e '.[dev]'
 	touch $@
 
 demo: install  ## start broker, trainer, server and a drifting demo stream (Ctrl-C stops all)
