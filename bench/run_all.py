@@ -9,6 +9,7 @@ import bench_learning
 import bench_pipeline
 import bench_restart
 import bench_serving
+import bench_snapshots
 import bench_training
 from common import DOCS, machine
 
@@ -19,6 +20,7 @@ def main() -> None:
         *bench_pipeline.main(),
         *bench_restart.main(),
         *bench_serving.main(),
+        *bench_snapshots.main(),
         *bench_learning.main(),
     ]
     header = (
