@@ -12,8 +12,8 @@ import numpy as np
 
 from common import percentiles, table
 from streamlearn.broker import free_port
+from streamlearn.checkpoint import snapshot_content
 from streamlearn.models import ModelSpec, build_model
-from streamlearn.pipeline import snapshot_content
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
 from streamlearn.snapshots import LocalSnapshotStore, SnapshotStore
 from streamlearn.trainer import Trainer, make_optimizer, pick_device

@@ -98,8 +98,8 @@ def main() -> list[str]:
             "Snapshot stores",
             ("model", "weights KiB", "store", "save ms", "newest-version lookup ms", "load ms"),
             rows,
-            f"Each cell: p50 / p99 of {REPEATS} repetitions, keeping the default 10 versions. A save is what the "
-            "trainer's background writer does every --snapshot-interval-s; the lookup is one server "
+            f"Each cell: p50 / p99 of {REPEATS} repetitions, keeping the default 10 versions. A save is "
+            "what the trainer's background writer does every --snapshot-interval-s; the lookup is one server "
             "poll; a load is one hot reload. S3 is moto's server on loopback: its round trips, "
             "not a real store's network latency.",
         )

@@ -52,7 +52,7 @@ def make_trainer() -> Callable[..., Trainer]:
 
 def write_snapshot(store, name: str, trainer: Trainer, records: int = 0, offsets=None):
     """Write a snapshot exactly as the pipeline does."""
-    from streamlearn.pipeline import snapshot_content
+    from streamlearn.checkpoint import snapshot_content
 
     tensors, meta = snapshot_content(trainer, records, offsets or {}, {"test": True})
     return store.save(name, tensors, meta)

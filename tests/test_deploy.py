@@ -3,12 +3,14 @@ Dockerfile structurally, deploy/k8s against the Kubernetes schemas (offline) and
 
 from pathlib import Path
 
+import certifi
 import kubernetes_validate
 import pytest
 import yaml
+from confluent_kafka import Consumer
 
 from streamlearn.cli import COMMANDS, UsageError, build_parser
-from streamlearn.config import ServeSettings, TrainSettings
+from streamlearn.config import ServeSettings, TrainSettings, kafka_overrides
 
 ROOT = Path(__file__).parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -277,3 +279,15 @@ def test_the_gpu_overlay_puts_the_trainer_on_one_gpu():
     assert build_parser().parse_args(container["args"]).device == "cuda"
     assert container["image"] in {image["name"] for image in overlay["images"]}
     assert all(image["newTag"].endswith("-cuda") for image in overlay["images"])
+
+
+def test_the_kafka_properties_the_manifests_pass_are_known_to_librdkafka():
+    config = find("ConfigMap", "streamlearn-kafka")["data"]
+    credentials = {doc["metadata"]["name"]: doc for doc in EXAMPLE_SECRETS}["streamlearn-kafka-credentials"]
+    properties = kafka_overrides({**config, **credentials["stringData"]})
+    assert {"security.protocol", "sasl.mechanism", "sasl.username", "sasl.password"} <= properties.keys()
+    properties["ssl.ca.location"] = certifi.where()  # the mounted CA's stand-in: a real PEM bundle
+    # librdkafka refuses an unknown property or a bad value when the client is built.
+    quiet = {"bootstrap.servers": "127.0.0.1:1", "group.id": "check", "log_level": 0}
+    consumer = Consumer({**quiet, **properties})
+    consumer.close()

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from torch import Tensor
 
@@ -24,10 +25,12 @@ from streamlearn.errors import SnapshotError
 from streamlearn.faults import crash_point
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.snapshots import BackgroundWriter, Snapshot, SnapshotStore
+from streamlearn.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 Offsets = dict[tuple[str, int], int]  # (topic, partition) -> next offset to learn from
+NORMALIZER_IN_META = 1024  # features up to which the normalizer is also written into meta.json
 
 
 @dataclass
@@ -138,3 +141,37 @@ class Checkpointer:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def snapshot_content(
+    trainer: Trainer | None, records_learned: int, offsets: Offsets, config: dict[str, Any]
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and metadata of a snapshot: model, optimizer, normalizer, offsets, config."""
+    by_topic: dict[str, dict[str, int]] = {}
+    for (topic, partition), offset in sorted(offsets.items()):
+        by_topic.setdefault(topic, {})[str(partition)] = offset
+    meta: dict[str, Any] = {"records_trained": records_learned, "offsets": by_topic, "config": config}
+    if trainer is None:  # nothing valid seen yet: the snapshot only records offsets
+        return {}, {**meta, "model": None, "training": None}
+    tensors, training = trainer.state()
+    if not all(bool(torch.isfinite(t).all()) for name, t in tensors.items() if t.is_floating_point()):
+        raise SnapshotError("the model has non-finite weights: no snapshot written")
+    spec = trainer.model.spec
+    meta.update(
+        model=spec.to_dict(),
+        task=spec.labels.task,
+        classes=spec.labels.class_names if spec.labels.task != "regression" else [],
+        features=spec.features.to_dict(),
+        architecture={"arch": spec.arch, "hidden": list(spec.hidden) if spec.arch == "mlp" else []},
+        normalizer=_normalizer_summary(trainer),
+        training=training,
+    )
+    return tensors, meta
+
+
+def _normalizer_summary(trainer: Trainer) -> dict[str, Any]:
+    norm = trainer.model.normalizer
+    summary: dict[str, Any] = {"count": int(norm.count.item())}
+    if norm.mean.numel() <= NORMALIZER_IN_META:
+        summary.update(mean=norm.mean.tolist(), variance=(norm.m2 / norm.count.clamp_min(1)).tolist())
+    return summary

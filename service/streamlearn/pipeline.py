@@ -18,11 +18,11 @@ import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from streamlearn import kafka
-from streamlearn.checkpoint import Checkpointer, Offsets, run_bounded
+from streamlearn.checkpoint import Checkpointer, Offsets, run_bounded, snapshot_content
 from streamlearn.config import TrainSettings
 from streamlearn.dlq import DeadLetterQueue, Source, already_dead_lettered
 from streamlearn.drift import DriftMonitor
-from streamlearn.errors import ConfigError, SnapshotError, SnapshotMismatch
+from streamlearn.errors import SnapshotError, SnapshotMismatch
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec, RecordDecoder, Rejected
@@ -30,8 +30,6 @@ from streamlearn.snapshots import Snapshot, open_store
 from streamlearn.trainer import WINDOWS, Trainer, make_optimizer, pick_device
 
 log = logging.getLogger(__name__)
-
-NORMALIZER_IN_META = 1024  # features up to which the normalizer is also written into meta.json
 
 
 class RateLimitedLog:
@@ -59,9 +57,7 @@ class Pipeline:
         self.settings = settings
         self.metrics = metrics
         self.running = True
-        if settings.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for, but no CUDA device is available")
-        self.device = pick_device(settings.device)
+        self.device = pick_device(settings.device)  # --device cuda without one: ConfigError
         if settings.deterministic:
             torch.use_deterministic_algorithms(True)
         self.store = open_store(settings.snapshot_dir, settings.keep_snapshots)
@@ -484,37 +480,3 @@ class Pipeline:
 
 def _describe(task: str, arch: str, hidden: tuple[int, ...]) -> str:
     return f"{task}/{arch}" + (f"{list(hidden)}" if hidden else "")
-
-
-def snapshot_content(
-    trainer: Trainer | None, records_learned: int, offsets: Offsets, config: dict[str, Any]
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and metadata of a snapshot: model, optimizer, normalizer, offsets, config."""
-    by_topic: dict[str, dict[str, int]] = {}
-    for (topic, partition), offset in sorted(offsets.items()):
-        by_topic.setdefault(topic, {})[str(partition)] = offset
-    meta: dict[str, Any] = {"records_trained": records_learned, "offsets": by_topic, "config": config}
-    if trainer is None:  # nothing valid seen yet: the snapshot only records offsets
-        return {}, {**meta, "model": None, "training": None}
-    tensors, training = trainer.state()
-    if not all(bool(torch.isfinite(t).all()) for name, t in tensors.items() if t.is_floating_point()):
-        raise SnapshotError("the model has non-finite weights: no snapshot written")
-    spec = trainer.model.spec
-    meta.update(
-        model=spec.to_dict(),
-        task=spec.labels.task,
-        classes=spec.labels.class_names if spec.labels.task != "regression" else [],
-        features=spec.features.to_dict(),
-        architecture={"arch": spec.arch, "hidden": list(spec.hidden) if spec.arch == "mlp" else []},
-        normalizer=_normalizer_summary(trainer),
-        training=training,
-    )
-    return tensors, meta
-
-
-def _normalizer_summary(trainer: Trainer) -> dict[str, Any]:
-    norm = trainer.model.normalizer
-    summary: dict[str, Any] = {"count": int(norm.count.item())}
-    if norm.mean.numel() <= NORMALIZER_IN_META:
-        summary.update(mean=norm.mean.tolist(), variance=(norm.m2 / norm.count.clamp_min(1)).tolist())
-    return summary
