@@ -83,12 +83,8 @@ def _answers(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """A local S3-compatible server (moto in server mode) on a free loopback port.
-
-    The AWS variables point this process, and the processes it starts, at it.
-    """
+def start_s3_server() -> tuple[subprocess.Popen, str]:
+    """moto's S3 in server mode on a free loopback port, answering; and its URL."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -96,11 +92,21 @@ def s3_endpoint() -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _answers(f"{url}/moto-api/"), 60, what="the S3 server")
+    return server, url
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A local S3-compatible server (moto in server mode) on a free loopback port.
+
+    The AWS variables point this process, and the processes it starts, at it.
+    """
+    server, url = start_s3_server()
     env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL_S3": url}
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     try:
-        wait_for(lambda: _answers(f"{url}/moto-api/"), 60, what="the S3 server")
         yield url
     finally:
         for name, value in saved.items():
@@ -112,9 +118,13 @@ def s3_endpoint() -> Iterator[str]:
         server.wait(10)
 
 
+def new_bucket() -> str:
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(bucket)
+    return bucket
+
+
 @pytest.fixture
 def s3_url(s3_endpoint) -> str:
     """s3://<a new bucket>/snapshots on the local S3 server."""
-    bucket = f"test-{uuid.uuid4().hex[:12]}"
-    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(bucket)
-    return f"s3://{bucket}/snapshots"
+    return f"s3://{new_bucket()}/snapshots"

@@ -1,17 +1,20 @@
 """The KServe V1 server: predictions, errors as JSON 4xx, readiness and hot reload."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from streamlearn.broker import free_port
 from streamlearn.config import ServeSettings
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import FeatureSpec, LabelSpec
-from streamlearn.snapshots import LocalSnapshotStore
+from streamlearn.snapshots import LocalSnapshotStore, open_store
 from streamlearn.trainer import Trainer, make_optimizer, pick_device
 
-from .conftest import concept_batch, wait_for, write_snapshot
+from .conftest import concept_batch, new_bucket, start_s3_server, wait_for, write_snapshot
 
 
 def trained(spec: ModelSpec, steps: int = 5) -> Trainer:
@@ -196,3 +199,35 @@ def test_a_json_body_is_read_whatever_its_content_type(client, store):
     )
     assert response.status_code == 200, response.text
     assert len(response.json()["predictions"]) == 1
+
+
+def test_a_store_outage_keeps_the_served_model_and_is_logged_once(s3_endpoint, monkeypatch, caplog):
+    server, url = start_s3_server()  # this test's own S3, to take away mid-test
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", url)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # fail fast once it is gone
+        location = f"s3://{new_bucket()}/snapshots"
+        write_snapshot(open_store(location), "default", trained(REGRESSION), records=320)
+        settings = ServeSettings(snapshot_dir=location, reload_interval_s=0.05)
+        with TestClient(create_app_for(settings)) as client:
+            wait_for(lambda: client.get("/readyz").status_code == 200, what="ready")
+            server.terminate()
+            server.wait(10)
+            wait_for(lambda: "serving the loaded models" in caplog.text, what="the outage noticed")
+            until = time.monotonic() + 1.0  # some 20 failing polls of the reload loop
+            while time.monotonic() < until:  # requests keep being answered throughout
+                response = client.post("/v1/models/default:predict", json={"instances": [[1, 2, 3]]})
+                assert response.status_code == 200 and response.json()["model_version"] == 1
+            assert client.get("/readyz").status_code == 200
+        assert caplog.text.count("serving the loaded models") == 1
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def test_an_unreachable_snapshot_store_at_start_is_live_but_not_ready(s3_url, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with TestClient(create_app_for(ServeSettings(snapshot_dir=s3_url, reload_interval_s=0.05))) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 503
