@@ -11,8 +11,8 @@ ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-RUN useradd --create-home --uid 10001 --user-group streamlearn \
-    && mkdir /snapshots && chown streamlearn:streamlearn /snapshots
+RUN groupadd --gid 10001 streamlearn && useradd --create-home --uid 10001 --gid 10001 streamlearn \
+    && mkdir /snapshots && chown 10001:10001 /snapshots
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY service ./service
