@@ -110,19 +110,19 @@ class ModelRegistry:
         loaded = []
         for name in self.store.models():
             current = self._models.get(name)
-            newest = self.store.latest_version(name)
+            versions = self.store.versions(name)  # one listing per model per poll
             floor = max(current.version if current else 0, self._failed.get(name, 0))
-            if newest is None or newest <= floor:
+            if not versions or versions[-1] <= floor:
                 continue
-            served = self._load(name, current.version if current else 0, newest)
+            served = self._load(name, current.version if current else 0, versions)
             if served is not None:
                 self._models = {**self._models, name: served}  # the atomic swap
                 self._export(served)
                 loaded.append(served)
         return loaded
 
-    def _load(self, name: str, served_version: int, newest: int) -> ServedModel | None:
-        for version in reversed(self.store.versions(name)):
+    def _load(self, name: str, served_version: int, versions: list[int]) -> ServedModel | None:
+        for version in reversed(versions):
             if version <= served_version:
                 break
             try:
@@ -133,7 +133,7 @@ class ModelRegistry:
                 continue
             log.info("serving %s v%d (%d records learned)", name, version, served.meta["records_trained"])
             return served
-        self._failed[name] = newest  # nothing newer loads: do not retry until a newer one appears
+        self._failed[name] = versions[-1]  # nothing newer loads: do not retry until a newer one appears
         return None
 
     def _export(self, served: ServedModel) -> None:
