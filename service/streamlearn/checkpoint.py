@@ -154,7 +154,7 @@ def snapshot_content(
     if trainer is None:  # nothing valid seen yet: the snapshot only records offsets
         return {}, {**meta, "model": None, "training": None}
     tensors, training = trainer.state()
-    if not all(bool(torch.isfinite(t).all()) for name, t in tensors.items() if t.is_floating_point()):
+    if not all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point()):
         raise SnapshotError("the model has non-finite weights: no snapshot written")
     spec = trainer.model.spec
     meta.update(

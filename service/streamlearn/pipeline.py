@@ -236,8 +236,8 @@ class Pipeline:
             if error is not None:
                 self._on_kafka_error(error)
                 continue
-            key = (str(message.topic()), int(message.partition() or 0))
-            offset = int(message.offset() or 0)
+            topic, partition, offset = _position(message)
+            key = (topic, partition)
             # Only partitions we own, and never a record twice (one fetched before a rebalance, say).
             if key in self.assigned and offset >= self.positions.get(key, 0):
                 self.positions[key] = offset + 1
@@ -251,7 +251,8 @@ class Pipeline:
         # Deterministic: a micro-batch is exactly the next --batch-size records of one partition.
         size = self.settings.batch_size
         for message in good:
-            self.buffers[(str(message.topic()), int(message.partition() or 0))].append(message)
+            topic, partition, _offset = _position(message)
+            self.buffers[(topic, partition)].append(message)
         for buffer in self.buffers.values():
             while len(buffer) >= size:
                 batch, buffer[:] = buffer[:size], buffer[size:]
@@ -264,8 +265,7 @@ class Pipeline:
         if len(batch):
             self._learn(batch)
         for message in messages:
-            topic, partition, offset = message.topic(), message.partition(), message.offset()
-            assert topic is not None and partition is not None and offset is not None  # a consumed message
+            topic, partition, offset = _position(message)
             self.offsets[(topic, partition)] = offset + 1
         self.dirty = True
 
@@ -331,7 +331,7 @@ class Pipeline:
         )
         if self.dlq is None:
             return
-        source = (str(message.topic()), int(message.partition() or 0), int(message.offset() or 0))
+        source = _position(message)
         if source in self.skip_dead_letters:
             self.skip_dead_letters.discard(source)  # dead-lettered by the run before a crash
             return
@@ -476,6 +476,13 @@ class Pipeline:
             self.log_limiter.warning("kafka-down", "Kafka unreachable, retrying: %s", error.str())
         else:
             self.log_limiter.warning(f"kafka-{error.code()}", "Kafka error: %s", error.str())
+
+
+def _position(message: Message) -> Source:
+    """(topic, partition, offset) of a consumed message, which always has all three."""
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    assert topic is not None and partition is not None and offset is not None
+    return topic, partition, offset
 
 
 def _describe(task: str, arch: str, hidden: tuple[int, ...]) -> str:

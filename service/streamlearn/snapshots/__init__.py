@@ -19,12 +19,11 @@ __all__ = [
     "LocalSnapshotStore",
     "Snapshot",
     "SnapshotStore",
-    "is_url",
     "open_store",
 ]
 
 
-def is_url(location: str | Path) -> bool:
+def _is_url(location: str | Path) -> bool:
     """Whether a snapshot location names an object store rather than a directory."""
     scheme, sep, _ = str(location).partition("://")
     return bool(sep) and scheme not in ("", "file", "local")
@@ -32,7 +31,7 @@ def is_url(location: str | Path) -> bool:
 
 def open_store(location: str | Path, keep: int = 10) -> SnapshotStore:
     """The snapshot store at a directory path or an fsspec URL (s3://bucket/prefix)."""
-    if not is_url(location):
+    if not _is_url(location):
         text = str(location)
         return LocalSnapshotStore(text.partition("://")[2] if "://" in text else text, keep)
     from streamlearn.snapshots.objects import ObjectSnapshotStore  # imports fsspec
