@@ -1,7 +1,12 @@
 """The record contract: what decodes, and why what does not is rejected."""
 
+import json
+import math
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from streamlearn.errors import InvalidReason
 from streamlearn.records import FeatureSpec, LabelSpec, RecordDecoder
@@ -161,3 +166,138 @@ def test_a_given_length_still_rejects_dicts_of_another_size():
     batch = decoder.decode([b'{"features": {"a": 1}, "label": 1}'])
     assert [r.reason for r in batch.rejected] == [InvalidReason.FEATURE_MISMATCH]
     assert not decoder.fixed
+
+
+HUGE = "9" * 400  # a JSON integer no float can hold: Python's json gives an int, isfinite overflows
+
+
+@pytest.mark.parametrize(
+    ("labels", "value", "reason"),
+    [
+        (BINARY, f'{{"features": [1, {HUGE}, 3], "label": 1}}', InvalidReason.NON_FINITE),
+        (BINARY, f'{{"features": [1, -{HUGE}, 3], "label": 1}}', InvalidReason.NON_FINITE),
+        (BINARY, f'{{"features": [1, 2, 3], "label": {HUGE}}}', InvalidReason.NON_FINITE),
+        (
+            LabelSpec.create("regression"),
+            f'{{"features": [1, 2, 3], "label": {HUGE}}}',
+            InvalidReason.NON_FINITE,
+        ),
+        (
+            LabelSpec.create("multiclass", num_classes=3),
+            f'{{"features": [1, 2, 3], "label": {HUGE}}}',
+            InvalidReason.NON_FINITE,
+        ),
+        (BINARY, f'{{"features": [1, 2, 3], "label": 1, "weight": {HUGE}}}', InvalidReason.BAD_WEIGHT),
+        (BINARY, '{"features": [1, 1e308, 3], "label": 1}', InvalidReason.NON_FINITE),
+        (BINARY, '{"features": [1, 3.5e38, 3], "label": 1}', InvalidReason.NON_FINITE),
+        (BINARY, '{"features": [1, -3.5e38, 3], "label": 1}', InvalidReason.NON_FINITE),
+        (LabelSpec.create("regression"), '{"features": [1, 2, 3], "label": 1e300}', InvalidReason.NON_FINITE),
+        (BINARY, '{"features": [1, 2, 3], "label": 1, "weight": 1e39}', InvalidReason.BAD_WEIGHT),
+    ],
+)
+def test_numbers_beyond_float32_are_rejected_never_raised(labels, value, reason):
+    batch = RecordDecoder(labels, THREE, max_bytes=10_000).decode([value.encode()])
+    assert [r.reason for r in batch.rejected] == [reason]
+
+
+def test_edge_numbers_within_float32_are_learned():
+    values = [
+        b'{"features": [-0.0, 5e-324, 3.4e38], "label": 1}',
+        b'{"features": [1e-45, -3.4e38, 0], "label": 0}',
+    ]
+    batch = RecordDecoder(BINARY, THREE).decode(values)
+    assert batch.rejected == []
+    assert np.isfinite(batch.features).all()
+    assert batch.features[0, 2] == np.float32(3.4e38)
+
+
+def test_a_key_given_twice_takes_its_last_value():
+    batch = RecordDecoder(BINARY, THREE).decode(
+        [b'{"features": [9, 9, 9], "label": 0, "features": [1, 2, 3], "label": 1}']
+    )
+    assert batch.features.tolist() == [[1.0, 2.0, 3.0]]
+    assert batch.labels.tolist() == [1.0]
+
+
+# -- the record contract under arbitrary input (property-based) ------------------------------------
+
+
+class _Pairs(list):
+    """A JSON object written pair by pair, duplicates kept."""
+
+
+JSON_NUMBERS = st.one_of(
+    st.integers(min_value=-(10**500), max_value=10**500),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=-1e-300, max_value=1e-300),  # subnormals and signed zeros
+    st.sampled_from([1e308, -1e308, 3.4e38, 3.5e38, 2**63, -(2**63) - 1, 2**64]),
+)
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.text(max_size=8), JSON_NUMBERS)
+# Objects are lists of pairs so that a key can come twice, as it can on the wire.
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=5),
+        st.lists(st.tuples(st.sampled_from(["a", "b", "c", "features", "label"]), inner), max_size=5).map(
+            _Pairs
+        ),
+    ),
+    max_leaves=20,
+)
+
+
+def _dump(value) -> str:
+    """JSON text as a hostile producer may write it: NaN tokens, huge integers, duplicate keys."""
+    if isinstance(value, _Pairs):
+        return "{" + ",".join(f"{json.dumps(k)}:{_dump(v)}" for k, v in value) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_dump(v) for v in value) + "]"
+    if isinstance(value, float):
+        return (
+            "NaN"
+            if math.isnan(value)
+            else ("Infinity" if value > 0 else "-Infinity")
+            if math.isinf(value)
+            else repr(value)
+        )
+    return json.dumps(value) if not isinstance(value, int) or isinstance(value, bool) else str(value)
+
+
+FEATURES = st.one_of(
+    st.lists(JSON_NUMBERS, min_size=3, max_size=3),
+    st.lists(st.tuples(st.sampled_from(["x", "y", "z"]), JSON_NUMBERS), min_size=3, max_size=4).map(_Pairs),
+    JSON_VALUES,
+)
+RECORDS = st.one_of(
+    st.tuples(FEATURES, JSON_VALUES, st.one_of(st.none(), JSON_NUMBERS, JSON_VALUES)).map(
+        lambda fields: (
+            "{"
+            + f'"features":{_dump(fields[0])},"label":{_dump(fields[1])}'
+            + ("" if fields[2] is None else f',"weight":{_dump(fields[2])}')
+            + "}"
+        )
+    ),
+    JSON_VALUES.map(_dump),
+).map(str.encode)
+VALUES = st.one_of(RECORDS, st.binary(max_size=64), st.integers(1, 3000).map(lambda n: b"[" * n + b"]" * n))
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [BINARY, LabelSpec.create("regression"), LabelSpec.create("multiclass", ("0", "a", "b"))],
+    ids=["binary", "regression", "multiclass"],
+)
+@pytest.mark.parametrize(
+    "features", [THREE, None, FeatureSpec(3, ("x", "y", "z"))], ids=["list", "inferred", "named"]
+)
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(values=st.lists(st.one_of(VALUES, st.none()), min_size=1, max_size=8))
+def test_any_bytes_decode_to_finite_rows_or_a_reason_never_an_exception(labels, features, values):
+    batch = RecordDecoder(labels, features, max_bytes=20_000).decode(values)
+
+    assert len(batch) + len(batch.rejected) == len(values)
+    assert sorted(r.index for r in batch.rejected) == sorted({r.index for r in batch.rejected})
+    assert all(isinstance(r.reason, InvalidReason) and r.detail for r in batch.rejected)
+    assert batch.features.dtype == np.float32 and batch.features.shape[0] == len(batch)
+    assert np.isfinite(batch.features).all() and np.isfinite(batch.weights).all()
+    assert np.isfinite(batch.labels.astype(np.float64)).all()

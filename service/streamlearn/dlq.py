@@ -6,15 +6,19 @@ A record is published with its original key, value and headers, plus Kafka Conne
   in `marks` where the dead-letter topic stood then (the offset after the last such delivery);
 - after a restart, the records from the snapshot's offsets on are read again, and those already
   dead-lettered after the marks (by the run that crashed) are not sent a second time.
+A letter too large for the dead-letter topic (refused by the producer, whose message.max.bytes
+is --max-record-bytes plus 64 KiB, or by the broker) is sent again without its value and
+original headers: it keeps our headers, the value's size and SHA-256, and says what it left out.
 """
 
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from streamlearn import kafka
 from streamlearn.errors import KafkaOperationError
@@ -30,19 +34,70 @@ H_REASON = "__connect.errors.exception.class.name"
 H_MESSAGE = "__connect.errors.exception.message"
 H_STAGE = "__connect.errors.stage"
 H_TIME = "streamlearn.errors.timestamp"
-OUR_HEADERS = (H_TOPIC, H_PARTITION, H_OFFSET, H_REASON, H_MESSAGE, H_STAGE, H_TIME)
+H_OMITTED = "streamlearn.errors.omitted"  # what a letter too large to keep whole left out
+H_VALUE_BYTES = "streamlearn.errors.value.bytes"
+H_VALUE_SHA256 = "streamlearn.errors.value.sha256"
+OUR_HEADERS = (
+    H_TOPIC,
+    H_PARTITION,
+    H_OFFSET,
+    H_REASON,
+    H_MESSAGE,
+    H_STAGE,
+    H_TIME,
+    H_OMITTED,
+    H_VALUE_BYTES,
+    H_VALUE_SHA256,
+)
+# Room for the key, the headers and the record's framing beside a value of --max-record-bytes.
+LETTER_OVERHEAD_BYTES = 64 * 1024
+MAX_KEPT_KEY_BYTES = 1024  # a letter without its value keeps a key up to this size
+# Errors that say the letter itself is too large: resending it unchanged would fail forever.
+TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD)
 Source = tuple[str, int, int]  # (topic, partition, offset) of the original record
+Headers = list[tuple[str, Any]]
 
 
-def dead_letter_headers(message: Message, rejected: Rejected) -> list[tuple[str, bytes]]:
+class Letter(NamedTuple):
+    """What is produced to the dead-letter topic for one record."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    whole: bool = True  # False once the value (and the original headers) have been left out
+
+    def without_value(self) -> "Letter":
+        """The same letter without the value and the original headers, which fits any topic."""
+        value = self.value or b""
+        keep_key = self.key is not None and len(self.key) <= MAX_KEPT_KEY_BYTES
+        omitted = "value,headers" if keep_key or self.key is None else "value,key,headers"
+        ours = [(k, v) for k, v in self.headers if k in OUR_HEADERS]
+        return Letter(
+            self.key if keep_key else None,
+            None,
+            [
+                *ours,
+                (H_OMITTED, omitted.encode()),
+                (H_VALUE_BYTES, str(len(value)).encode()),
+                (H_VALUE_SHA256, hashlib.sha256(value).hexdigest().encode()),
+            ],
+            whole=False,
+        )
+
+
+def dead_letter_headers(message: Message, rejected: Rejected) -> Headers:
     """The original headers, then ours: where the record came from, why and when it was rejected."""
+    try:
+        original: Headers = [(str(key), value) for key, value in message.headers() or []]
+    except Exception:  # a header key that is not UTF-8 cannot even be read; keep ours at least
+        original = []
     return [
-        *(message.headers() or []),
+        *original,
         (H_TOPIC, str(message.topic()).encode()),
         (H_PARTITION, str(message.partition()).encode()),
         (H_OFFSET, str(message.offset()).encode()),
         (H_REASON, rejected.reason.value.encode()),
-        (H_MESSAGE, rejected.detail.encode()),
+        (H_MESSAGE, rejected.detail.encode(errors="replace")),
         (H_STAGE, b"VALUE_CONVERTER"),
         (H_TIME, str(int(time.time() * 1000)).encode()),
     ]
@@ -61,21 +116,31 @@ def source_of(message: Message) -> Source | None:
     topic, partition, offset = (header(headers, h) for h in (H_TOPIC, H_PARTITION, H_OFFSET))
     if topic is None or partition is None or offset is None:
         return None
-    return topic, int(partition), int(offset)
+    try:
+        return topic, int(partition), int(offset)
+    except ValueError:  # not a letter of ours: anyone can write to the topic
+        return None
 
 
 class DeadLetterQueue:
     """Publishes dead letters and knows which ones are delivered, and where."""
 
     def __init__(
-        self, bootstrap: str, overrides: Mapping[str, str], topic: str, marks: Mapping[int, int] | None = None
+        self,
+        bootstrap: str,
+        overrides: Mapping[str, str],
+        topic: str,
+        marks: Mapping[int, int] | None = None,
+        max_record_bytes: int = 1_000_000,
     ) -> None:
         self.topic = topic
-        self.producer: Producer = kafka.make_producer(bootstrap, overrides)
+        # A letter is its record plus our headers: let the producer take what the trainer accepts.
+        limit = {"message.max.bytes": str(max_record_bytes + LETTER_OVERHEAD_BYTES), **overrides}
+        self.producer: Producer = kafka.make_producer(bootstrap, limit)
         self._lock = threading.Condition()
         self._sent = 0  # sequence number of the newest letter handed to the producer
         self._outstanding: set[int] = set()
-        self._retry: list[tuple[int, Message]] = []
+        self._retry: list[tuple[int, Letter]] = []
         self._deliveries: list[tuple[int, int, int]] = []  # (seq, DLQ partition, offset), not yet folded
         self._marks: dict[int, int] = dict(
             marks or {}
@@ -86,30 +151,42 @@ class DeadLetterQueue:
         self._poller.start()
 
     def send(self, message: Message, rejected: Rejected) -> None:
+        letter = Letter(message.key(), message.value(), dead_letter_headers(message, rejected))
         with self._lock:
             self._sent += 1
             seq = self._sent
             self._outstanding.add(seq)
-        self._produce(seq, message.key(), message.value(), dead_letter_headers(message, rejected))
+        self._produce(seq, letter)
         crash_point("dlq.after_send")
 
-    def _produce(self, seq: int, key: Any, value: Any, headers: Any) -> None:
+    def _produce(self, seq: int, letter: Letter) -> None:
         def on_delivery(error: KafkaError | None, message: Message) -> None:
-            self._delivered(seq, error, message)
+            self._delivered(seq, letter, error, message)
 
         while True:
             try:
-                self.producer.produce(self.topic, value, key, headers=headers, on_delivery=on_delivery)
+                self.producer.produce(
+                    self.topic, letter.value, letter.key, headers=letter.headers, on_delivery=on_delivery
+                )
                 return
             except BufferError:
                 self.producer.poll(0.05)
+            except KafkaException as exc:
+                if letter.whole and exc.args[0].code() in TOO_LARGE:
+                    letter = letter.without_value()  # over the producer's message.max.bytes
+                    continue
+                raise KafkaOperationError(f"cannot dead-letter a record: {exc.args[0].str()}") from None
 
-    def _delivered(self, seq: int, error: KafkaError | None, message: Message) -> None:
+    def _delivered(self, seq: int, letter: Letter, error: KafkaError | None, message: Message) -> None:
         with self._lock:
             if error is not None:
                 self.failures += 1
-                self._retry.append((seq, message))
-                log.warning("dead letter not delivered, will retry: %s", error.str())
+                if letter.whole and error.code() in TOO_LARGE:  # the broker or topic refuses its size
+                    letter = letter.without_value()
+                    log.warning("dead letter too large for %s, resending without its value", self.topic)
+                else:
+                    log.warning("dead letter not delivered, will retry: %s", error.str())
+                self._retry.append((seq, letter))
                 return
             self._outstanding.discard(seq)
             partition, offset = message.partition(), message.offset()
@@ -123,8 +200,8 @@ class DeadLetterQueue:
             self.producer.poll(0.05)
             with self._lock:
                 retry, self._retry = self._retry, []
-            for seq, message in retry:
-                self._produce(seq, message.key(), message.value(), message.headers())
+            for seq, letter in retry:
+                self._produce(seq, letter)
 
     def barrier(self) -> int:
         """A point to wait for: every dead letter sent so far."""
@@ -227,14 +304,22 @@ def describe(message: Message) -> str:
     source = source_of(message)
     where = f"{source[0]}[{source[1]}]@{source[2]}" if source else "unknown source"
     stamp = header(headers, H_TIME)
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(stamp) / 1000)) + "Z" if stamp else "?"
+    when = "?"
+    if stamp and stamp.isdigit():
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(stamp) / 1000)) + "Z"
     value = message.value()
-    shown = value[:200] if isinstance(value, bytes) else value
+    shown = repr(value[:200] if isinstance(value, bytes) else value)
+    if isinstance(value, bytes) and len(value) > 200:
+        shown += " ..."
+    omitted = header(headers, H_OMITTED)
+    if omitted:
+        size, digest = header(headers, H_VALUE_BYTES), header(headers, H_VALUE_SHA256)
+        shown = f"<left out: {omitted}; the value had {size} bytes, sha256 {digest}>"
     return (
         f"{message.topic()}[{message.partition()}]@{message.offset()}  {when}  from {where}\n"
         f"  reason: {header(headers, H_REASON)}: {header(headers, H_MESSAGE)}\n"
         f"  key:    {message.key()!r}\n"
-        f"  value:  {shown!r}{' ...' if isinstance(value, bytes) and len(value) > 200 else ''}"
+        f"  value:  {shown}"
     )
 
 
@@ -248,7 +333,13 @@ def replay(bootstrap: str, overrides: Mapping[str, str], topic: str, to: str | N
         if error is not None:
             failures.append(error.str())
 
+    replayed = 0
     for message in letters:
+        if "value" in (header(message.headers(), H_OMITTED) or ""):
+            log.warning(
+                "not replaying %s@%d: it was dead-lettered without its value", topic, message.offset()
+            )
+            continue
         source = source_of(message)
         target = to or (source[0] if source else None)
         if target is None:
@@ -260,6 +351,7 @@ def replay(bootstrap: str, overrides: Mapping[str, str], topic: str, to: str | N
         ]
         producer.produce(target, message.value(), message.key(), headers=original, on_delivery=delivered)
         producer.poll(0)
+        replayed += 1
     if producer.flush(30) or failures:
         raise KafkaOperationError(f"replay incomplete: {len(failures) or 'some'} records not delivered")
-    return len(letters)
+    return replayed

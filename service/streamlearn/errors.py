@@ -72,6 +72,7 @@ class InvalidReason(StrEnum):
     BAD_LABEL = "bad_label"
     UNKNOWN_CLASS = "unknown_class"
     BAD_WEIGHT = "bad_weight"
+    INTERNAL_ERROR = "internal_error"  # decoding or learning it raised an exception nobody foresaw
 
 
 class InvalidRecord(StreamlearnError):

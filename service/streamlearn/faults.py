@@ -1,13 +1,15 @@
-"""Named crash points, for the fault-injection tests: STREAMLEARN_CRASH_AT=point[:n][,point[:n]...].
+"""Fault injection for the tests: named crash points, and records that make our own code raise.
 
-The n-th time (default: first) the process reaches a named point it kills itself with SIGKILL,
-as a power cut or the OOM killer would: no cleanup, no flush. Unset, a crash point costs a
-dictionary lookup.
+STREAMLEARN_CRASH_AT=point[:n][,point[:n]...]: the n-th time (default: first) the process
+reaches a named point it kills itself with SIGKILL, as a power cut or the OOM killer would: no
+cleanup, no flush. STREAMLEARN_RAISE_ON=marker: decoding a micro-batch raises RuntimeError when
+one of its values contains the marker, as a bug of ours would. Unset, each costs a lookup.
 """
 
 import functools
 import os
 import signal
+from collections.abc import Sequence
 
 POINTS = ("snapshot.before_publish", "snapshot.after_publish", "commit.before", "dlq.after_send")
 _reached: dict[str, int] = {}
@@ -29,3 +31,14 @@ def crash_point(name: str) -> None:
     _reached[name] = _reached.get(name, 0) + 1
     if _reached[name] == plan[name]:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@functools.cache
+def _marker() -> bytes:
+    return os.environ.get("STREAMLEARN_RAISE_ON", "").encode()
+
+
+def raise_on_marked(values: Sequence[bytes | None]) -> None:
+    marker = _marker()
+    if marker and any(value and marker in value for value in values):
+        raise RuntimeError("injected fault: a value holds STREAMLEARN_RAISE_ON's marker")

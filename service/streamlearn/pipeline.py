@@ -22,7 +22,7 @@ from streamlearn.checkpoint import Checkpointer, Offsets, run_bounded, snapshot_
 from streamlearn.config import TrainSettings
 from streamlearn.dlq import DeadLetterQueue, Source, already_dead_lettered
 from streamlearn.drift import DriftMonitor
-from streamlearn.errors import SnapshotError, SnapshotMismatch
+from streamlearn.errors import InvalidReason, SnapshotError, SnapshotMismatch
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec, RecordDecoder, Rejected
@@ -41,13 +41,20 @@ class RateLimitedLog:
         self._held: dict[str, int] = {}
 
     def warning(self, key: str, message: str, *args: Any) -> None:
+        self.log(logging.WARNING, key, message, *args)
+
+    def log(
+        self, level: int, key: str, message: str, *args: Any, exc_info: BaseException | None = None
+    ) -> None:
         now = time.monotonic()
         if now - self._last.get(key, -self.interval_s) < self.interval_s:
             self._held[key] = self._held.get(key, 0) + 1
             return
         held = self._held.pop(key, 0)
         self._last[key] = now
-        log.warning(message + (f" (+{held} more since last report)" if held else ""), *args)
+        log.log(
+            level, message + (f" (+{held} more since last report)" if held else ""), *args, exc_info=exc_info
+        )
 
 
 class Pipeline:
@@ -158,7 +165,9 @@ class Pipeline:
         s = self.settings
         if s.dead_letter_topic:
             kafka.ensure_topic(s.bootstrap, s.kafka, s.dead_letter_topic)
-            self.dlq = DeadLetterQueue(s.bootstrap, s.kafka, s.dead_letter_topic, self.dlq_marks)
+            self.dlq = DeadLetterQueue(
+                s.bootstrap, s.kafka, s.dead_letter_topic, self.dlq_marks, s.max_record_bytes
+            )
             # A run that crashed may have dead-lettered records after its last snapshot: find them.
             found = already_dead_lettered(s.bootstrap, s.kafka, s.dead_letter_topic, self.dlq_marks)
             self.skip_dead_letters = {src for src in found if src[2] >= self.offsets.get((src[0], src[1]), 0)}
@@ -259,15 +268,37 @@ class Pipeline:
                 self._process_batch(batch)
 
     def _process_batch(self, messages: Sequence[Message]) -> None:
-        batch = self.decoder.decode([m.value() for m in messages])
-        for rejected in batch.rejected:
-            self._reject(messages[rejected.index], rejected)
-        if len(batch):
-            self._learn(batch)
+        self._learn_isolating(messages)
         for message in messages:
             topic, partition, offset = _position(message)
             self.offsets[(topic, partition)] = offset + 1
         self.dirty = True
+
+    def _learn_isolating(self, messages: Sequence[Message]) -> None:
+        """Decode and learn the records; dead-letter the invalid ones.
+
+        A bug of ours must never turn one record into an outage: a batch whose decoding or
+        learning raises an exception nobody foresaw is bisected until the record that raises is
+        found, and that record is dead-lettered as internal_error; the others are learned.
+        """
+        try:
+            batch = self.decoder.decode([m.value() for m in messages])
+            if len(batch):
+                self._learn(batch)
+        except Exception as exc:
+            if len(messages) > 1:
+                middle = len(messages) // 2
+                self._learn_isolating(messages[:middle])
+                self._learn_isolating(messages[middle:])
+                return
+            self.log_limiter.log(
+                logging.ERROR, f"internal-{type(exc).__name__}", "learning a record failed", exc_info=exc
+            )
+            detail = f"{type(exc).__name__}: {exc}"[:300]
+            self._reject(messages[0], Rejected(0, InvalidReason.INTERNAL_ERROR, detail))
+            return
+        for rejected in batch.rejected:  # sent once the batch went through, so never twice
+            self._reject(messages[rejected.index], rejected)
 
     def _learn(self, batch: DecodedBatch) -> None:
         if self.trainer is None:

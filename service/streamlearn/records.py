@@ -3,10 +3,12 @@
 A value is {"features": [float, ...] | {"name": float, ...}, "label": ..., "weight": float?,
 "ts": epoch-ms?, "id": str?}. A value that breaks the contract is rejected with an
 InvalidReason; it never reaches the model. The same feature rules serve predict requests.
+Every number must be a finite float32 (|x| <= 3.4e38). A key given twice in one object takes
+its last value, as orjson, JavaScript and the server's request parser all do.
 """
 
 import json
-import math
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,13 +18,36 @@ import orjson
 
 from streamlearn.config import Task
 from streamlearn.errors import ConfigError, InvalidReason, InvalidRecord
+from streamlearn.faults import raise_on_marked
 
 _NUMBER = (int, float)
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # about 3.4e38; anything larger becomes inf
+
+
+def _previewer() -> reprlib.Repr:
+    """A bounded repr for error details: a value from Kafka may be huge or deeply nested."""
+    bounded = reprlib.Repr()
+    bounded.maxstring = bounded.maxother = 40
+    bounded.maxlist = bounded.maxdict = 4
+    bounded.maxlevel = 2
+    return bounded
+
+
+_preview = _previewer().repr
 
 
 def _is_number(value: Any) -> bool:
     # bool is an int subclass; a JSON true is not a number in our contract
     return isinstance(value, _NUMBER) and not isinstance(value, bool)
+
+
+def fits_float32(value: int | float) -> bool:
+    """Whether a JSON number is a finite float32: not NaN, not infinite, not beyond +-3.4e38.
+
+    Comparing keeps Python's exact int semantics, so a 400-digit integer is simply too large
+    (math.isfinite would raise OverflowError on it).
+    """
+    return -FLOAT32_MAX <= value <= FLOAT32_MAX
 
 
 @dataclass(frozen=True)
@@ -82,9 +107,11 @@ class FeatureSpec:
 def _finite_numbers(values: Sequence[Any]) -> list[float]:
     for value in values:
         if not _is_number(value):
-            raise InvalidRecord(InvalidReason.BAD_FEATURES, f"feature {str(value)[:40]!r} is not a number")
-        if not math.isfinite(value):
-            raise InvalidRecord(InvalidReason.NON_FINITE, "features must be finite numbers")
+            raise InvalidRecord(InvalidReason.BAD_FEATURES, f"feature {_preview(value)} is not a number")
+        if not fits_float32(value):
+            raise InvalidRecord(
+                InvalidReason.NON_FINITE, "features must be finite numbers within float32's range (+-3.4e38)"
+            )
     return list(values)
 
 
@@ -118,11 +145,11 @@ class LabelSpec:
         """The label as a float (regression, binary) or a class index (multiclass)."""
         if label is None:
             raise InvalidRecord(InvalidReason.MISSING_LABEL, "label is missing")
+        if _is_number(label) and not fits_float32(label):
+            raise InvalidRecord(InvalidReason.NON_FINITE, "label must be finite and within +-3.4e38")
         if self.task == "regression":
             if not _is_number(label):
                 raise InvalidRecord(InvalidReason.BAD_LABEL, "regression label must be a number")
-            if not math.isfinite(label):
-                raise InvalidRecord(InvalidReason.NON_FINITE, "label must be finite")
             return float(label)
         if isinstance(label, bool):
             if self.task == "binary":
@@ -131,15 +158,15 @@ class LabelSpec:
         if isinstance(label, str):
             if label in self.classes:
                 return self.classes.index(label)
-            raise InvalidRecord(InvalidReason.UNKNOWN_CLASS, f"unknown class {label[:40]!r}")
-        if _is_number(label) and math.isfinite(label) and float(label).is_integer():
+            raise InvalidRecord(InvalidReason.UNKNOWN_CLASS, f"unknown class {_preview(label)}")
+        if _is_number(label) and float(label).is_integer():
             index = int(label)
             if 0 <= index < self.num_classes:
                 return index
             raise InvalidRecord(
                 InvalidReason.UNKNOWN_CLASS, f"class index {index} not in 0..{self.num_classes - 1}"
             )
-        raise InvalidRecord(InvalidReason.BAD_LABEL, f"label {str(label)[:40]!r} is not a valid class")
+        raise InvalidRecord(InvalidReason.BAD_LABEL, f"label {_preview(label)} is not a valid class")
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "classes": list(self.classes), "num_classes": self.num_classes}
@@ -219,6 +246,7 @@ class RecordDecoder:
         self.features, self.fixed = features, True
 
     def decode(self, values: Sequence[bytes | None]) -> DecodedBatch:
+        raise_on_marked(values)
         rows: list[list[float]] = []
         targets: list[float | int] = []
         weights: list[float] = []
@@ -250,8 +278,8 @@ class RecordDecoder:
         row = spec.row(record["features"])
         target = self.labels.value(record.get("label"))
         weight = record.get("weight", 1.0)
-        if not _is_number(weight) or not math.isfinite(weight) or weight < 0:
-            raise InvalidRecord(InvalidReason.BAD_WEIGHT, "weight must be a finite number >= 0")
+        if not _is_number(weight) or not fits_float32(weight) or weight < 0:
+            raise InvalidRecord(InvalidReason.BAD_WEIGHT, "weight must be a finite number >= 0 (float32)")
         if not self.fixed:
             self.fix(spec)  # the first valid record fixes the feature vector for good
         return row, target, float(weight)

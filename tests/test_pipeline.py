@@ -1,0 +1,102 @@
+"""The run loop's guard against its own bugs: one record that makes our code raise is isolated."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from streamlearn import faults
+from streamlearn.config import TrainSettings
+from streamlearn.metrics import TrainerMetrics
+from streamlearn.pipeline import Pipeline
+
+TOPIC = "events"
+
+
+@dataclass
+class Consumed:
+    """A consumed message as the loop sees it (an in-process seam for confluent_kafka.Message)."""
+
+    offset_: int
+    value_: bytes | None
+
+    def value(self) -> bytes | None:
+        return self.value_
+
+    def key(self) -> bytes | None:
+        return None
+
+    def headers(self) -> list:
+        return []
+
+    def topic(self) -> str:
+        return TOPIC
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self.offset_
+
+    def error(self) -> None:
+        return None
+
+
+@pytest.fixture
+def pipeline(tmp_path) -> Pipeline:
+    settings = TrainSettings(task="binary", topic=TOPIC, snapshot_dir=tmp_path, dlq_topic="", arch="linear")
+    pipeline = Pipeline(settings, TrainerMetrics(CollectorRegistry()))
+    pipeline.assigned.add((TOPIC, 0))
+    return pipeline
+
+
+def records(n: int, marked: set[int] = frozenset()) -> list[Consumed]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        record = {"features": rng.normal(size=3).round(3).tolist(), "label": int(i % 2)}
+        if i in marked:
+            record["id"] = "poison"
+        out.append(Consumed(i, orjson.dumps(record)))
+    return out
+
+
+def sample(pipeline: Pipeline, name: str, **labels: str) -> float:
+    return pipeline.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_a_record_that_makes_decoding_raise_is_dead_lettered_and_the_rest_learned(pipeline, monkeypatch):
+    monkeypatch.setenv("STREAMLEARN_RAISE_ON", "poison")
+    faults._marker.cache_clear()
+    try:
+        pipeline.process(records(64, marked={5, 40}))
+    finally:
+        faults._marker.cache_clear()
+
+    assert pipeline.records_learned == 62
+    assert sample(pipeline, "streamlearn_records_invalid_total", reason="internal_error") == 2
+    assert pipeline.offsets == {(TOPIC, 0): 64}
+
+
+def test_a_record_that_makes_learning_raise_is_isolated_by_bisection(pipeline, monkeypatch):
+    pipeline.process(records(8))  # builds the trainer
+    step = pipeline.trainer.step
+    stepped: list[int] = []
+
+    def fragile_step(batch):
+        stepped.append(len(batch))
+        if (batch.features == np.float32(1234.5)).any():
+            raise ZeroDivisionError("a bug of ours")
+        return step(batch)
+
+    monkeypatch.setattr(pipeline.trainer, "step", fragile_step)
+    batch = records(40)
+    batch[17] = Consumed(17, b'{"features": [1, 1234.5, 2], "label": 1}')
+    pipeline.process([Consumed(m.offset_ + 8, m.value_) for m in batch])
+
+    assert pipeline.records_learned == 8 + 39
+    assert sample(pipeline, "streamlearn_records_invalid_total", reason="internal_error") == 1
+    assert len(stepped) <= 2 * 6 + 1  # bisection: a few steps per level, not one per record
+    assert pipeline.offsets == {(TOPIC, 0): 48}
