@@ -88,7 +88,7 @@ class Letter(NamedTuple):
 def dead_letter_headers(message: Message, rejected: Rejected) -> Headers:
     """The original headers, then ours: where the record came from, why and when it was rejected."""
     try:
-        original: Headers = [(str(key), value) for key, value in message.headers() or []]
+        original: Headers = [(str(pair[0]), pair[1]) for pair in message.headers() or []]
     except Exception:  # a header key that is not UTF-8 cannot even be read; keep ours at least
         original = []
     return [
