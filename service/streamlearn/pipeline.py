@@ -437,7 +437,8 @@ class Pipeline:
             ours = self.offsets.get(key)
             if ours is not None:
                 tp.offset = max(ours, committed.get(key, -1))
-            self.positions[key] = max(tp.offset, 0)
+            start = tp.offset if tp.offset >= 0 else committed.get(key, -1)
+            self.positions[key] = max(start, -1)  # -1: not known until --start-offset has been applied
             self.assigned.add(key)
         consumer.incremental_assign(partitions)
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions))
@@ -492,8 +493,11 @@ class Pipeline:
             return
         for tp in positions:
             _low, high = consumer.get_watermark_offsets(tp, cached=True)
-            if tp.offset >= 0 and high >= 0:
-                self.metrics.consumer_lag.labels(str(tp.partition)).set(max(high - tp.offset, 0))
+            # Before its first message librdkafka reports no position: a partition resumed at its
+            # end has none at all, yet its lag is known (0), from where we seeked to.
+            offset = tp.offset if tp.offset >= 0 else self.positions.get((tp.topic, tp.partition), -1)
+            if offset >= 0 and high >= 0:
+                self.metrics.consumer_lag.labels(str(tp.partition)).set(max(high - offset, 0))
 
     def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
         if error is None:

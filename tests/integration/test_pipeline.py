@@ -146,3 +146,25 @@ def test_a_snapshot_of_another_task_is_refused_with_a_clear_error(
     first.stop()
     with pytest.raises(SnapshotMismatch, match="use another --model-name"):
         start_trainer(topic, task="regression")
+
+
+def test_a_trainer_resumed_with_nothing_left_to_fetch_reports_zero_lag(
+    bootstrap, make_topic, start_trainer, tmp_path
+):
+    topic = make_topic()
+    publish(bootstrap, topic, [orjson.dumps(r) for r in sea_values(200, seed=5)])
+    first = start_trainer(topic, task="binary")
+    store = LocalSnapshotStore(tmp_path / "snapshots")
+    wait_for(lambda: (s := latest(store)) and s.meta["records_trained"] == 200, 60, what="all learned")
+    first.stop()
+
+    # librdkafka has no position for a partition until it fetches a message; this one has none
+    # left, and its lag must still read 0 (dashboards and `caught up` checks rely on it).
+    resumed = start_trainer(topic, task="binary")
+    lag = {"partition": "0"}
+    wait_for(
+        lambda: resumed.registry.get_sample_value("streamlearn_consumer_lag_records", lag) == 0,
+        60,
+        what="a lag of 0 for the resumed partition",
+    )
+    assert resumed.metric("streamlearn_records_consumed_total") == 0
