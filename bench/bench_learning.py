@@ -15,7 +15,7 @@ from common import table
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import LabelSpec, RecordDecoder
 from streamlearn.streams import records
-from streamlearn.trainer import Trainer, make_optimizer, pick_device
+from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
 
 N_RECORDS = 20_000
 DRIFT_EVERY = 5_000

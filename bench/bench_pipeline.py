@@ -13,7 +13,7 @@ from streamlearn import kafka
 from streamlearn.broker import EmbeddedBroker, free_port
 from streamlearn.config import TrainSettings
 from streamlearn.metrics import TrainerMetrics
-from streamlearn.pipeline import Pipeline
+from streamlearn.train.pipeline import Pipeline
 from streamlearn.streams import records
 
 N_RECORDS = 200_000

@@ -12,11 +12,11 @@ import numpy as np
 
 from common import percentiles, table
 from streamlearn.broker import free_port
-from streamlearn.checkpoint import snapshot_content
+from streamlearn.train.checkpoint import snapshot_content
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
 from streamlearn.snapshots import LocalSnapshotStore, SnapshotStore
-from streamlearn.trainer import Trainer, make_optimizer, pick_device
+from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
 
 REQUESTS = 2000
 RELOADS = 30

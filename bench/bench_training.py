@@ -9,7 +9,7 @@ from common import table
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import FeatureSpec, LabelSpec, RecordDecoder
 from streamlearn.streams import records
-from streamlearn.trainer import Trainer, make_optimizer, pick_device
+from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
 
 N_RECORDS = 50_000
 BATCH_SIZES = (64, 256, 1024)

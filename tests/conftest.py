@@ -14,7 +14,7 @@ import pytest
 from streamlearn.broker import free_port
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
-from streamlearn.trainer import Trainer, make_optimizer, pick_device
+from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
 
 
 def make_spec(task: str = "binary", n_features: int = 3, arch: str = "linear", **labels) -> ModelSpec:
@@ -52,7 +52,7 @@ def make_trainer() -> Callable[..., Trainer]:
 
 def write_snapshot(store, name: str, trainer: Trainer, records: int = 0, offsets=None):
     """Write a snapshot exactly as the pipeline does."""
-    from streamlearn.checkpoint import snapshot_content
+    from streamlearn.train.checkpoint import snapshot_content
 
     tensors, meta = snapshot_content(trainer, records, offsets or {}, {"test": True})
     return store.save(name, tensors, meta)

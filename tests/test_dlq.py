@@ -2,7 +2,7 @@
 
 import hashlib
 
-from streamlearn.dlq import (
+from streamlearn.train.dlq import (
     H_OMITTED,
     H_REASON,
     H_TOPIC,

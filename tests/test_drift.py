@@ -6,11 +6,11 @@ import numpy as np
 import orjson
 import pytest
 
-from streamlearn.drift import Adwin, DriftMonitor, PageHinkley
+from streamlearn.train.drift import Adwin, DriftMonitor, PageHinkley
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import LabelSpec, RecordDecoder
 from streamlearn.streams import records
-from streamlearn.trainer import Trainer, make_optimizer, pick_device
+from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
 
 BATCH = 256
 DELAY_BOUND = 2 * BATCH  # records after an abrupt switch of the error rate 0.1 -> 0.4

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from streamlearn import faults
 from streamlearn.config import TrainSettings
 from streamlearn.metrics import TrainerMetrics
-from streamlearn.pipeline import Pipeline
+from streamlearn.train.pipeline import Pipeline
 
 TOPIC = "events"
 
@@ -48,7 +48,7 @@ class Consumed:
 def pipeline(tmp_path) -> Pipeline:
     settings = TrainSettings(task="binary", topic=TOPIC, snapshot_dir=tmp_path, dlq_topic="", arch="linear")
     pipeline = Pipeline(settings, TrainerMetrics(CollectorRegistry()))
-    pipeline.assigned.add((TOPIC, 0))
+    pipeline.partitions.assign((TOPIC, 0), committed=-1)
     return pipeline
 
 
@@ -77,12 +77,12 @@ def test_a_record_that_makes_decoding_raise_is_dead_lettered_and_the_rest_learne
 
     assert pipeline.records_learned == 62
     assert sample(pipeline, "streamlearn_records_invalid_total", reason="internal_error") == 2
-    assert pipeline.offsets == {(TOPIC, 0): 64}
+    assert pipeline.partitions.learned == {(TOPIC, 0): 64}
 
 
 def test_a_record_that_makes_learning_raise_is_isolated_by_bisection(pipeline, monkeypatch):
     pipeline.process(records(8))  # builds the trainer
-    step = pipeline.trainer.step
+    step = pipeline.learning.trainer.step
     stepped: list[int] = []
 
     def fragile_step(batch):
@@ -91,7 +91,7 @@ def test_a_record_that_makes_learning_raise_is_isolated_by_bisection(pipeline, m
             raise ZeroDivisionError("a bug of ours")
         return step(batch)
 
-    monkeypatch.setattr(pipeline.trainer, "step", fragile_step)
+    monkeypatch.setattr(pipeline.learning.trainer, "step", fragile_step)
     batch = records(40)
     batch[17] = Consumed(17, b'{"features": [1, 1234.5, 2], "label": 1}')
     pipeline.process([Consumed(m.offset_ + 8, m.value_) for m in batch])
@@ -99,4 +99,4 @@ def test_a_record_that_makes_learning_raise_is_isolated_by_bisection(pipeline, m
     assert pipeline.records_learned == 8 + 39
     assert sample(pipeline, "streamlearn_records_invalid_total", reason="internal_error") == 1
     assert len(stepped) <= 2 * 6 + 1  # bisection: a few steps per level, not one per record
-    assert pipeline.offsets == {(TOPIC, 0): 48}
+    assert pipeline.partitions.learned == {(TOPIC, 0): 48}

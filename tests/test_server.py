@@ -12,7 +12,7 @@ from streamlearn.config import ServeSettings
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import FeatureSpec, LabelSpec
 from streamlearn.snapshots import LocalSnapshotStore, open_store
-from streamlearn.trainer import Trainer, make_optimizer, pick_device
+from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
 
 from .conftest import concept_batch, new_bucket, start_s3_server, wait_for, write_snapshot
 

@@ -8,7 +8,7 @@ import torch
 
 from streamlearn.errors import ConfigError
 from streamlearn.records import DecodedBatch
-from streamlearn.trainer import pick_device
+from streamlearn.train.trainer import pick_device
 
 from .conftest import concept_batch
 
@@ -85,7 +85,7 @@ def test_restored_state_continues_exactly_like_the_original(make_trainer):
 
 
 def test_a_model_with_non_finite_weights_is_never_snapshotted(make_trainer):
-    from streamlearn.checkpoint import snapshot_content
+    from streamlearn.train.checkpoint import snapshot_content
     from streamlearn.errors import SnapshotError
 
     trainer = make_trainer("binary")

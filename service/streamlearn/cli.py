@@ -72,7 +72,7 @@ def run_train(settings: TrainSettings) -> int:
     from streamlearn import kafka
     from streamlearn.broker import ensure_port_free
     from streamlearn.metrics import TrainerMetrics
-    from streamlearn.pipeline import Pipeline
+    from streamlearn.train.pipeline import Pipeline
     from streamlearn.snapshots import open_store
 
     stop = _stop_event()  # first: a signal during start-up ends the trainer cleanly too
@@ -131,7 +131,7 @@ def run_produce(settings: ProduceSettings) -> int:
 
 def run_dlq_inspect(settings: DlqInspectSettings) -> int:
     from streamlearn import kafka
-    from streamlearn.dlq import describe, read_from
+    from streamlearn.train.dlq import describe, read_from
 
     kafka.check_reachable(settings.bootstrap, settings.kafka)
     letters = read_from(settings.bootstrap, settings.kafka, settings.topic, limit=settings.limit)
@@ -143,7 +143,7 @@ def run_dlq_inspect(settings: DlqInspectSettings) -> int:
 
 def run_dlq_replay(settings: DlqReplaySettings) -> int:
     from streamlearn import kafka
-    from streamlearn.dlq import replay
+    from streamlearn.train.dlq import replay
 
     kafka.check_reachable(settings.bootstrap, settings.kafka)
     count = replay(settings.bootstrap, settings.kafka, settings.topic, settings.to, settings.limit)

@@ -18,7 +18,7 @@ from streamlearn import kafka
 from streamlearn.broker import EmbeddedBroker, free_port
 from streamlearn.config import TrainSettings
 from streamlearn.metrics import TrainerMetrics
-from streamlearn.pipeline import Pipeline
+from streamlearn.train.pipeline import Pipeline
 
 # A first group join takes about half the session timeout; keep it short for tests.
 FAST_GROUP = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"}
@@ -76,7 +76,7 @@ def publish(bootstrap: str, topic: str, values: list[bytes | None], partition: i
 
 def read_topic(bootstrap: str, topic: str) -> list:
     """Every message in the topic now (the reader the dead-letter commands use)."""
-    from streamlearn.dlq import read_from
+    from streamlearn.train.dlq import read_from
 
     return read_from(bootstrap, {}, topic)
 

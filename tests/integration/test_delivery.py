@@ -18,9 +18,9 @@ import torch
 from confluent_kafka import Producer
 
 from streamlearn.broker import EmbeddedBroker, free_port
-from streamlearn.dlq import H_REASON, header, source_of
 from streamlearn.snapshots import LocalSnapshotStore, SnapshotStore
 from streamlearn.streams import records
+from streamlearn.train.dlq import H_REASON, header, source_of
 
 from ..conftest import wait_for
 from .conftest import committed, publish, read_topic, track

@@ -7,9 +7,17 @@ import orjson
 from confluent_kafka import Producer
 
 from streamlearn import faults
-from streamlearn.dlq import H_MESSAGE, H_OMITTED, H_REASON, H_VALUE_BYTES, H_VALUE_SHA256, header, source_of
 from streamlearn.snapshots import LocalSnapshotStore
 from streamlearn.streams import records
+from streamlearn.train.dlq import (
+    H_MESSAGE,
+    H_OMITTED,
+    H_REASON,
+    H_VALUE_BYTES,
+    H_VALUE_SHA256,
+    header,
+    source_of,
+)
 
 from ..conftest import wait_for
 from .conftest import read_topic

@@ -1,0 +1,111 @@
+"""Which partitions the trainer owns, where each stands, and what it has learned up to.
+
+Pure bookkeeping with no Kafka client: the loop reports assignments, revocations and consumed
+messages; this answers where to resume a partition, which messages to learn in which batches,
+and which offsets a commit may carry. The exactly-once rules live here:
+- a partition resumes at the later of what we learned up to and the group's committed offset;
+- a message is taken only from a partition we own, and only once (never one fetched before a
+  revoke, never one at or below a position already taken);
+- a commit carries only partitions we own, at the offset after their last learned record.
+"""
+
+from collections.abc import Iterable, Sequence
+from typing import Generic, Protocol, TypeVar
+
+Key = tuple[str, int]  # (topic, partition)
+Offsets = dict[Key, int]  # next offset per partition
+UNKNOWN = -1  # a position not known until the consumer applies --start-offset
+
+
+class Consumed(Protocol):
+    """What the trainer needs of a consumed message (confluent_kafka.Message has it all)."""
+
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def value(self) -> bytes | None: ...
+
+
+M = TypeVar("M", bound=Consumed)
+
+
+def position(message: Consumed) -> tuple[str, int, int]:
+    """(topic, partition, offset) of a consumed message, which always has all three."""
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    assert topic is not None and partition is not None and offset is not None
+    return topic, partition, offset
+
+
+class Partitions(Generic[M]):
+    """The partitions we own, the next position of each, and the offsets learned up to.
+
+    With `batch_size` (--deterministic), a batch is exactly the next `batch_size` records of one
+    partition, so batches are defined by offsets and do not depend on how messages arrive.
+    """
+
+    def __init__(self, learned: Offsets | None = None, batch_size: int | None = None) -> None:
+        self.learned: Offsets = dict(learned or {})  # owned or not: a snapshot keeps them all
+        self.positions: Offsets = {}  # next offset to take, per owned partition
+        self.batch_size = batch_size
+        self._buffers: dict[Key, list[M]] = {}
+
+    @property
+    def owned(self) -> set[Key]:
+        return set(self.positions)
+
+    def assign(self, key: Key, committed: int) -> int | None:
+        """Own a partition; the offset to resume it at, or None to let --start-offset decide.
+
+        Ours is ahead when our commit lagged (a crash before it, a broker outage); the group's is
+        ahead when another member learned the records since we last owned the partition.
+        """
+        ours = self.learned.get(key)
+        start = committed if ours is None else max(ours, committed)
+        self.positions[key] = start if start >= 0 else UNKNOWN
+        return start if ours is not None else None
+
+    def release(self, keys: Iterable[Key]) -> None:
+        """Stop owning partitions; an unfinished deterministic batch of theirs is dropped, not learned."""
+        for key in keys:
+            self.positions.pop(key, None)
+            self._buffers.pop(key, None)
+
+    def take(self, messages: Sequence[M]) -> list[M]:
+        """The polled messages to learn: from owned partitions only, and each only once."""
+        taken = []
+        for message in messages:
+            topic, partition, offset = position(message)
+            key = (topic, partition)
+            if key in self.positions and offset >= self.positions[key]:
+                self.positions[key] = offset + 1
+                taken.append(message)
+        return taken
+
+    def batches(self, taken: Sequence[M]) -> list[list[M]]:
+        """Taken messages as micro-batches: as they came, or offset-defined with `batch_size`."""
+        if self.batch_size is None:
+            return [list(taken)] if taken else []
+        for message in taken:
+            topic, partition, _ = position(message)
+            self._buffers.setdefault((topic, partition), []).append(message)
+        batches = []
+        for buffer in self._buffers.values():
+            while len(buffer) >= self.batch_size:
+                batches.append(buffer[: self.batch_size])
+                del buffer[: self.batch_size]
+        return batches
+
+    def learned_through(self, batch: Sequence[Consumed]) -> None:
+        """Record that a batch is learned (or dead-lettered): its offsets count as done."""
+        for message in batch:
+            topic, partition, offset = position(message)
+            self.learned[(topic, partition)] = offset + 1
+
+    def to_commit(self, keys: Iterable[Key] | None = None) -> Offsets:
+        """Learned offsets of the partitions we own (of `keys` among them): all a commit may carry."""
+        wanted = self.owned if keys is None else self.owned.intersection(keys)
+        return {key: offset for key, offset in self.learned.items() if key in wanted}
+
+    def known_position(self, key: Key, reported: int) -> int:
+        """The consumer's position, or where we resumed if it has fetched nothing yet (or UNKNOWN)."""
+        return reported if reported >= 0 else self.positions.get(key, UNKNOWN)

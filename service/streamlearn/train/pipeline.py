@@ -1,0 +1,341 @@
+"""The trainer's run loop: poll -> take -> decode -> test-then-train -> checkpoint when due.
+
+Every snapshot records the next offset of each partition it learned from; on assignment the
+loop resumes there, so a restart neither skips nor repeats a record. Invalid records go to the
+dead-letter topic. A signal only flips `running`; the loop then finishes its micro-batch,
+checkpoints and leaves the group. The rules of what is taken and committed live in
+partitions.py, the order of a checkpoint in checkpoint.py, metrics and logs in telemetry.py.
+"""
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+
+from streamlearn import kafka
+from streamlearn.config import TrainSettings
+from streamlearn.errors import InvalidReason, SnapshotMismatch
+from streamlearn.metrics import TrainerMetrics
+from streamlearn.models import ModelSpec, build_model
+from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec, RecordDecoder, Rejected
+from streamlearn.snapshots import Snapshot, open_store
+from streamlearn.train.checkpoint import Checkpointer, run_bounded, snapshot_content
+from streamlearn.train.dlq import DeadLetterQueue, Source, already_dead_lettered
+from streamlearn.train.drift import DriftMonitor
+from streamlearn.train.partitions import Offsets, Partitions, position
+from streamlearn.train.telemetry import Telemetry
+from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
+
+log = logging.getLogger("streamlearn.train")
+
+
+@dataclass
+class Learning:
+    """The model being learned and what watches it, built once the feature vector is known."""
+
+    trainer: Trainer
+    drift: DriftMonitor
+    events: list[dict[str, Any]] = field(default_factory=list)  # the newest drift detections
+
+
+class Pipeline:
+    """Consumes one topic and keeps one model learning from it."""
+
+    def __init__(self, settings: TrainSettings, metrics: TrainerMetrics) -> None:
+        self.settings = s = settings
+        self.metrics = metrics
+        self.running = True
+        self.device = pick_device(s.device)  # --device cuda without one: ConfigError
+        if s.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.store = open_store(s.snapshot_dir, s.keep_snapshots)
+        self.labels = LabelSpec.create(s.task, s.classes, s.num_classes)
+        features = FeatureSpec(s.n_features or len(s.feature_names), s.feature_names)
+        self.decoder = RecordDecoder(
+            self.labels, features if features.n_features else None, s.max_record_bytes
+        )
+        self.partitions: Partitions[Message] = Partitions(
+            batch_size=s.batch_size if s.deterministic else None
+        )
+        self.telemetry = Telemetry(metrics, s.drift_per_feature)
+        self.checkpoints = Checkpointer(
+            self.store, s.model_name, metrics, self.partitions, self._content, None, s.snapshot_interval_s,
+            s.shutdown_timeout_s,
+        )  # fmt: skip
+        self.learning: Learning | None = None
+        self.records_learned = 0
+        self.dlq: DeadLetterQueue | None = None
+        self.dlq_marks: dict[int, int] = {}
+        self.skip_dead_letters: set[Source] = set()
+        self.consumer: Consumer | None = None
+
+    # -- start-up -------------------------------------------------------------------------------
+
+    def restore(self) -> Snapshot | None:
+        """Resume from the newest valid snapshot of this model, if any."""
+        s = self.settings
+        snapshot = self.store.load_latest(s.model_name)
+        if snapshot is None:
+            return None
+        if snapshot.meta["model"] is not None:  # None: written before the first valid record
+            spec = ModelSpec.from_dict(snapshot.meta["model"])
+            self._check_compatible(spec)
+            self.learning = self._build(spec)
+            self.learning.trainer.restore(snapshot.tensors, snapshot.meta["training"])
+            self.decoder.fix(spec.features)
+        self.records_learned = int(snapshot.meta["records_trained"])
+        self.checkpoints.restored(snapshot)
+        if s.resume_from == "group":  # keep the weights; positions come from Kafka
+            log.info(
+                "resuming %s from snapshot v%d's weights, at the group's offsets",
+                s.model_name,
+                snapshot.version,
+            )
+            return snapshot
+        self.partitions.learned = {
+            (topic, int(partition)): int(offset)
+            for topic, partitions in snapshot.meta["offsets"].items()
+            for partition, offset in partitions.items()
+        }
+        dlq = snapshot.meta.get("dlq") or {}
+        if dlq.get("topic") == s.dead_letter_topic:
+            self.dlq_marks = {int(p): int(o) for p, o in dlq.get("marks", {}).items()}
+        log.info(
+            "resuming %s from snapshot v%d (%d records learned)",
+            s.model_name,
+            snapshot.version,
+            self.records_learned,
+        )
+        return snapshot
+
+    def _check_compatible(self, spec: ModelSpec) -> None:
+        s = self.settings
+        wanted = (self.labels.task, s.arch, tuple(s.hidden) if s.arch == "mlp" else ())
+        found = (spec.labels.task, spec.arch, spec.hidden if spec.arch == "mlp" else ())
+        if wanted != found or (self.labels.classes and self.labels.classes != spec.labels.classes):
+            raise SnapshotMismatch(
+                f"snapshots of model {s.model_name!r} in {s.snapshot_dir} are "
+                f"{_describe(*found)}, not {_describe(*wanted)}: use another --model-name or --snapshot-dir"
+            )
+        if self.decoder.features and self.decoder.features.n_features != spec.features.n_features:
+            raise SnapshotMismatch(
+                f"snapshots of model {s.model_name!r} have {spec.features.n_features} features, "
+                f"not {self.decoder.features.n_features}"
+            )
+
+    def _build(self, spec: ModelSpec) -> Learning:
+        s = self.settings
+        model = build_model(spec)
+        trainer = Trainer(
+            model, make_optimizer(s.optimizer, model, s.lr, s.weight_decay), self.device, s.clip_grad_norm
+        )
+        names = list(spec.features.names) or [f"f{i}" for i in range(spec.features.n_features)]
+        drift = DriftMonitor(
+            names, spec.labels.task, spec.labels.n_outputs, s.drift_psi_threshold, s.drift_window
+        )
+        return Learning(trainer, drift)
+
+    def _connect(self) -> Consumer:
+        """Create the Kafka clients: the dead-letter producer first, then the consumer."""
+        s = self.settings
+        if s.dead_letter_topic:
+            kafka.ensure_topic(s.bootstrap, s.kafka, s.dead_letter_topic)
+            self.dlq = DeadLetterQueue(
+                s.bootstrap, s.kafka, s.dead_letter_topic, self.dlq_marks, s.max_record_bytes
+            )
+            self.checkpoints.dlq = self.dlq
+            # A run that crashed may have dead-lettered records after its last snapshot: find them.
+            found = already_dead_lettered(s.bootstrap, s.kafka, s.dead_letter_topic, self.dlq_marks)
+            learned = self.partitions.learned
+            self.skip_dead_letters = {src for src in found if src[2] >= learned.get((src[0], src[1]), 0)}
+        consumer = kafka.make_consumer(
+            s.bootstrap, s.kafka, s.group, s.start_offset, s.session_timeout_ms, s.group_instance_id,
+            on_error=self.telemetry.kafka_error, on_commit=self.telemetry.committed,
+        )  # fmt: skip
+        consumer.subscribe(
+            [s.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        return consumer
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        s = self.settings
+        self.consumer = consumer = self._connect()
+        log.info("training %s on %s from %s (device %s)", s.model_name, s.topic, s.bootstrap, self.device)
+        try:
+            while self.running:
+                messages = consumer.consume(s.batch_size, timeout=s.max_batch_wait_ms / 1000)
+                self.process(messages)
+                self.checkpoints.commit(consumer)  # commits a written snapshot; starts one when due
+                self.telemetry.tick(self.records_learned, consumer, self.partitions)
+        finally:
+            self.shutdown()
+
+    def stop(self, *_: Any) -> None:
+        """Ask the loop to finish its micro-batch, checkpoint and leave (signal-safe)."""
+        self.running = False
+
+    def shutdown(self) -> None:
+        """Checkpoint, commit and leave the group, within --shutdown-timeout-s even if Kafka is gone."""
+        consumer, timeout = self.consumer, self.settings.shutdown_timeout_s
+        if consumer is None:
+            return
+        run_bounded(lambda: self.checkpoints.commit(consumer, force=True), timeout, "final checkpoint")
+        # Leaving the group revokes our partitions (static members keep theirs).
+        run_bounded(consumer.close, timeout, "leaving the consumer group")
+        self.consumer = None
+        self.checkpoints.close()
+        if self.dlq is not None:
+            self.dlq.close(timeout_s=1.0)
+        log.info("stopped after %d records learned", self.records_learned)
+
+    def process(self, messages: Sequence[Message]) -> None:
+        """Learn whole micro-batches of polled messages, each one once, from owned partitions only."""
+        readable = []
+        for message in messages:
+            error = kafka.message_error(message)
+            if error is None:
+                readable.append(message)
+            else:
+                self.telemetry.kafka_error(error)
+        taken = self.partitions.take(readable)
+        self.metrics.records_consumed.inc(len(taken))
+        for batch in self.partitions.batches(taken):
+            self._learn_isolating(batch)
+            self.partitions.learned_through(batch)
+            self.checkpoints.dirty = True
+
+    def _learn_isolating(self, messages: Sequence[Message]) -> None:
+        """Decode and learn the records; dead-letter the invalid ones.
+
+        A bug of ours must never turn one record into an outage: a batch whose decoding or
+        learning raises an exception nobody foresaw is bisected until the record that raises is
+        found, and that record is dead-lettered as internal_error; the others are learned.
+        """
+        try:
+            batch = self.decoder.decode([m.value() for m in messages])
+            if len(batch):
+                self._learn(batch)
+        except Exception as exc:
+            if len(messages) > 1:
+                middle = len(messages) // 2
+                self._learn_isolating(messages[:middle])
+                self._learn_isolating(messages[middle:])
+                return
+            self.telemetry.limited.log(
+                logging.ERROR, f"internal-{type(exc).__name__}", "learning a record failed", exc_info=exc
+            )
+            detail = f"{type(exc).__name__}: {exc}"[:300]
+            self._reject(messages[0], Rejected(0, InvalidReason.INTERNAL_ERROR, detail))
+            return
+        for rejected in batch.rejected:  # sent once the batch went through, so never twice
+            self._reject(messages[rejected.index], rejected)
+
+    def _learn(self, batch: DecodedBatch) -> None:
+        """Test, then train, then watch for drift: one micro-batch of valid records."""
+        if self.learning is None:
+            assert self.decoder.features is not None  # fixed by the first valid record
+            s = self.settings
+            self.learning = self._build(
+                ModelSpec(self.labels, self.decoder.features, s.arch, s.hidden, s.seed)
+            )
+        trainer, m = self.learning.trainer, self.metrics
+        with m.train_step.time():
+            result = trainer.step(batch)
+        m.batch_records.observe(len(batch))
+        if result.learned:
+            self.records_learned += len(batch)
+            m.records_trained.inc(len(batch))
+        else:
+            m.batches_skipped.inc()
+            log.warning("skipped a micro-batch of %d records: non-finite loss or gradient", len(batch))
+        self.telemetry.scores(trainer)
+        self._watch_drift(batch, result.errors)
+
+    def _watch_drift(self, batch: DecodedBatch, errors: Any) -> None:
+        assert self.learning is not None
+        learning, response = self.learning, self.settings.on_drift
+        report = learning.drift.update(batch.features, batch.labels, errors)
+        event = None
+        if report.detected:
+            event = {
+                "event": "drift_detected",
+                "detectors": report.detected,
+                "records_learned": self.records_learned,
+                "at_ms": int(time.time() * 1000),
+                "top_drifting_features": report.top_features if report.feature_drift else [],
+                "response": response if report.concept else "none",
+            }
+            learning.events = [*learning.events, event][-20:]
+        self.telemetry.drift(report, event)
+        if report.concept and response != "none":
+            learning.trainer.respond_to_drift(response)
+
+    def _reject(self, message: Message, rejected: Rejected) -> None:
+        topic, partition, offset = source = position(message)
+        self.telemetry.rejected(f"{topic}[{partition}]@{offset}", rejected.reason.value, rejected.detail)
+        if self.dlq is None:
+            return
+        if source in self.skip_dead_letters:
+            self.skip_dead_letters.discard(source)  # dead-lettered by the run before a crash
+            return
+        self.dlq.send(message, rejected)
+
+    def _content(self, offsets: Offsets) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What a checkpoint holds: the model's state, the offsets learned to, drift, the settings."""
+        config = self.settings.model_dump(mode="json", exclude={"kafka"})  # never the credentials
+        learning = self.learning
+        trainer = learning.trainer if learning else None
+        tensors, meta = snapshot_content(trainer, self.records_learned, offsets, config)
+        if learning is not None:
+            meta["drift"] = {**learning.drift.to_dict(), "events": learning.events}
+        return tensors, meta
+
+    # -- rebalancing ----------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Resume each partition at the later of our own offset and the group's committed one."""
+        committed = {}
+        try:
+            committed = {
+                (tp.topic, tp.partition): tp.offset for tp in consumer.committed(partitions, timeout=10)
+            }
+        except KafkaException as exc:
+            log.warning(
+                "could not read committed offsets, resuming from the snapshot's: %s", exc.args[0].str()
+            )
+        for tp in partitions:
+            start = self.partitions.assign(
+                (tp.topic, tp.partition), committed.get((tp.topic, tp.partition), -1)
+            )
+            if start is not None:
+                tp.offset = start
+        consumer.incremental_assign(partitions)
+        log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Hand partitions over cleanly: what we learned from them is checkpointed and committed first."""
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        self.checkpoints.commit(consumer, force=True, revoking=revoked)  # within --shutdown-timeout-s
+        self._release(consumer, partitions)
+        log.info("revoked %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Another member may own these already: committing now could move its offsets backwards.
+        self._release(consumer, partitions)
+        log.warning("lost %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
+
+    def _release(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.partitions.release((tp.topic, tp.partition) for tp in partitions)
+        for tp in partitions:
+            self.telemetry.released(tp.partition)
+        consumer.incremental_unassign(partitions)
+
+
+def _describe(task: str, arch: str, hidden: tuple[int, ...]) -> str:
+    return f"{task}/{arch}" + (f"{list(hidden)}" if hidden else "")

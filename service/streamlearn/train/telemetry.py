@@ -1,0 +1,125 @@
+"""What the trainer tells the world: scores, drift, rates, lag and Kafka errors, as metrics and logs.
+
+Every log line that a stream or a broker could repeat is rate-limited, so a flood of bad records
+or an outage writes one line per reason every few seconds, with a count of the ones held back.
+"""
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from streamlearn.metrics import TrainerMetrics
+from streamlearn.train.drift import DriftReport
+from streamlearn.train.partitions import Partitions
+from streamlearn.train.trainer import WINDOWS, Trainer
+
+log = logging.getLogger("streamlearn.train")
+
+
+class RateLimitedLog:
+    """Logs each key at most once per `interval_s`, counting what it held back."""
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, key: str, message: str, *args: Any) -> None:
+        self.log(logging.WARNING, key, message, *args)
+
+    def log(
+        self, level: int, key: str, message: str, *args: Any, exc_info: BaseException | None = None
+    ) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval_s) < self.interval_s:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        held = self._held.pop(key, 0)
+        self._last[key] = now
+        log.log(
+            level, message + (f" (+{held} more since last report)" if held else ""), *args, exc_info=exc_info
+        )
+
+
+class Telemetry:
+    """Exports the trainer's state as metrics, and logs what needs a human, without floods."""
+
+    def __init__(self, metrics: TrainerMetrics, drift_per_feature: bool = False) -> None:
+        self.metrics = metrics
+        self.drift_per_feature = drift_per_feature
+        self.limited = RateLimitedLog()
+        self._rate_mark = (time.monotonic(), 0)
+
+    def scores(self, trainer: Trainer) -> None:
+        scores, m = trainer.scores, self.metrics
+        m.prequential_loss.labels("all").set(scores.mean_loss)
+        for window in WINDOWS:
+            m.prequential_loss.labels(str(window)).set(scores.faded_loss[window])
+        if trainer.classification:
+            m.prequential_accuracy.labels("all").set(scores.accuracy)
+            for window in WINDOWS:
+                m.prequential_accuracy.labels(str(window)).set(scores.faded_accuracy[window])
+
+    def drift(self, report: DriftReport, event: dict[str, Any] | None) -> None:
+        m = self.metrics
+        for detector, score in report.scores.items():
+            m.drift_score.labels(detector).set(score)
+        if report.feature_psi_max is not None:
+            m.feature_drift_psi.set(report.feature_psi_max)
+            m.feature_drift_ks.set(report.feature_ks_max or 0.0)
+            if self.drift_per_feature and len(report.feature_psi) <= 100:  # cardinality guard
+                for name, psi in report.feature_psi.items():
+                    m.feature_psi.labels(name).set(psi)
+        if report.label_score is not None:
+            m.label_drift.set(report.label_score)
+        for detector in report.detected:
+            m.drift_detections.labels(detector).inc()
+        if event is not None:
+            log.warning("%s", orjson.dumps(event).decode())  # one structured line per detection
+
+    def rejected(self, where: str, reason: str, detail: str) -> None:
+        self.metrics.records_invalid.labels(reason).inc()
+        self.limited.warning(reason, "invalid record at %s: %s: %s", where, reason, detail)
+
+    def tick(self, records_learned: int, consumer: Consumer | None, partitions: "Partitions[Any]") -> None:
+        """Once a second: the learning rate and each owned partition's lag."""
+        now = time.monotonic()
+        since, count = self._rate_mark
+        if now - since < 1.0:
+            return
+        self.metrics.records_per_second.set((records_learned - count) / (now - since))
+        self._rate_mark = (now, records_learned)
+        if consumer is None:
+            return
+        try:
+            positions = consumer.position(consumer.assignment())
+        except KafkaException:
+            return
+        for tp in positions:
+            _low, high = consumer.get_watermark_offsets(tp, cached=True)
+            # Before its first message librdkafka reports no position: a partition resumed at its
+            # end has none at all, yet its lag is known (0), from where we resumed it.
+            offset = partitions.known_position((tp.topic, tp.partition), tp.offset)
+            if offset >= 0 and high >= 0:
+                self.metrics.consumer_lag.labels(str(tp.partition)).set(max(high - offset, 0))
+
+    def released(self, partition: int) -> None:
+        with contextlib.suppress(KeyError):
+            self.metrics.consumer_lag.remove(str(partition))
+
+    def kafka_error(self, error: KafkaError) -> None:
+        self.metrics.kafka_errors.inc()
+        if error.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
+            self.limited.warning("kafka-down", "Kafka unreachable, retrying: %s", error.str())
+        else:
+            self.limited.warning(f"kafka-{error.code()}", "Kafka error: %s", error.str())
+
+    def committed(self, error: KafkaError | None, _partitions: list[TopicPartition]) -> None:
+        if error is None:
+            self.metrics.offsets_committed.inc()
+        else:
+            log.warning("offset commit failed (the snapshot still holds the offsets): %s", error.str())

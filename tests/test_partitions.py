@@ -1,0 +1,106 @@
+"""The exactly-once rules of what the trainer takes and commits, without a Kafka client."""
+
+from dataclasses import dataclass
+
+from streamlearn.train.partitions import UNKNOWN, Partitions
+
+
+@dataclass(frozen=True)
+class Msg:
+    """A consumed message (an in-process stand-in for confluent_kafka.Message)."""
+
+    partition_: int
+    offset_: int
+    topic_: str = "events"
+
+    def topic(self) -> str:
+        return self.topic_
+
+    def partition(self) -> int:
+        return self.partition_
+
+    def offset(self) -> int:
+        return self.offset_
+
+    def value(self) -> bytes:
+        return b"{}"
+
+
+def fetched(partition: int, offsets: range) -> list[Msg]:
+    return [Msg(partition, offset) for offset in offsets]
+
+
+def test_a_partition_resumes_at_the_later_of_ours_and_the_groups_offset():
+    partitions = Partitions(learned={("events", 0): 50, ("events", 1): 10})
+
+    assert partitions.assign(("events", 0), committed=40) == 50  # our commit lagged behind
+    assert partitions.assign(("events", 1), committed=30) == 30  # another member learned 10..29
+    assert partitions.assign(("events", 2), committed=7) is None  # never ours: the group decides
+    assert partitions.positions[("events", 2)] == 7
+    assert partitions.assign(("events", 3), committed=-1001) is None
+    assert partitions.positions[("events", 3)] == UNKNOWN
+
+
+def test_no_record_is_taken_twice_nor_from_a_partition_we_do_not_own():
+    partitions = Partitions()
+    partitions.assign(("events", 0), committed=0)
+
+    first = partitions.take(fetched(0, range(0, 10)) + fetched(1, range(0, 5)))
+    refetched = partitions.take(fetched(0, range(5, 15)))  # a fetch that overlaps the last one
+
+    assert [m.offset_ for m in first] == list(range(10))
+    assert [m.offset_ for m in refetched] == list(range(10, 15))
+
+
+def test_no_record_is_learned_twice_across_a_revoke_and_a_reassignment():
+    partitions = Partitions()
+    partitions.assign(("events", 0), committed=0)
+    partitions.learned_through(partitions.take(fetched(0, range(0, 20))))
+    partitions.release([("events", 0)])
+
+    stale = partitions.take(fetched(0, range(20, 30)))  # fetched before the revoke, delivered after
+    resume = partitions.assign(("events", 0), committed=12)  # the group's commit is behind ours
+
+    assert stale == []
+    assert resume == 20
+    assert [m.offset_ for m in partitions.take(fetched(0, range(12, 25)))] == list(range(20, 25))
+
+
+def test_a_commit_carries_only_owned_partitions_at_the_offset_after_their_last_learned_record():
+    partitions = Partitions(learned={("events", 2): 99})  # learned in an earlier assignment
+    for partition in (0, 1):
+        partitions.assign(("events", partition), committed=0)
+    partitions.learned_through(partitions.take(fetched(0, range(0, 8)) + fetched(1, range(0, 3))))
+
+    assert partitions.to_commit() == {("events", 0): 8, ("events", 1): 3}
+    assert partitions.to_commit({("events", 1), ("events", 2)}) == {("events", 1): 3}
+    partitions.release([("events", 0)])
+    assert partitions.to_commit() == {("events", 1): 3}
+    assert partitions.learned[("events", 0)] == 8  # kept for the snapshot, never committed by us now
+
+
+def test_deterministic_batches_are_defined_by_offsets_not_by_how_messages_arrive():
+    def batches_for(fetches: list[list[Msg]]) -> list[list[int]]:
+        partitions = Partitions(batch_size=4)
+        partitions.assign(("events", 0), committed=0)
+        out = []
+        for fetch in fetches:
+            out += [[m.offset_ for m in batch] for batch in partitions.batches(partitions.take(fetch))]
+        return out
+
+    at_once = batches_for([fetched(0, range(0, 12))])
+    trickled = batches_for([fetched(0, range(0, 3)), fetched(0, range(3, 5)), fetched(0, range(5, 13))])
+
+    assert at_once == trickled == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+
+
+def test_an_unfinished_deterministic_batch_of_a_revoked_partition_is_dropped_not_learned():
+    partitions = Partitions(batch_size=4)
+    partitions.assign(("events", 0), committed=0)
+    assert partitions.batches(partitions.take(fetched(0, range(0, 3)))) == []
+    partitions.release([("events", 0)])
+    partitions.assign(("events", 0), committed=0)
+
+    batches = partitions.batches(partitions.take(fetched(0, range(0, 4))))
+
+    assert [[m.offset_ for m in b] for b in batches] == [[0, 1, 2, 3]]
