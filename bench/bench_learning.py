@@ -31,7 +31,12 @@ def streamlearn_accuracy(name: str, arch: str, batch_size: int) -> float:
     for start in range(0, N_RECORDS, batch_size):
         batch = decoder.decode(values[start : start + batch_size])
         if trainer is None:
-            spec = ModelSpec(LabelSpec.create("binary"), decoder.features, arch, (64, 64))
+            spec = ModelSpec(
+                LabelSpec.create("binary"),
+                decoder.features,
+                arch,
+                {"hidden": [64, 64]} if arch == "mlp" else {},
+            )
             model = build_model(spec)
             trainer = Trainer(model, make_optimizer("adam", model, 0.005), pick_device("cpu"))
         trainer.step(batch)

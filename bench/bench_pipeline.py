@@ -13,8 +13,8 @@ from streamlearn import kafka
 from streamlearn.broker import EmbeddedBroker, free_port
 from streamlearn.config import TrainSettings
 from streamlearn.metrics import TrainerMetrics
-from streamlearn.train.pipeline import Pipeline
 from streamlearn.streams import records
+from streamlearn.train.pipeline import Pipeline
 
 N_RECORDS = 200_000
 BATCH_SIZES = (256, 1024)

@@ -12,15 +12,15 @@ import numpy as np
 
 from common import percentiles, table
 from streamlearn.broker import free_port
-from streamlearn.train.checkpoint import snapshot_content
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
 from streamlearn.snapshots import LocalSnapshotStore, SnapshotStore
+from streamlearn.train.checkpoint import snapshot_content
 from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
 
 REQUESTS = 2000
 RELOADS = 30
-SPEC = ModelSpec(LabelSpec.create("binary"), FeatureSpec(10), "mlp", (64, 64))
+SPEC = ModelSpec(LabelSpec.create("binary"), FeatureSpec(10), "mlp", {"hidden": [64, 64]})
 
 
 def make_trainer() -> Trainer:

@@ -28,7 +28,9 @@ MODELS = (("mlp [64, 64], 10 features", 10, (64, 64)), ("mlp [1024, 1024], 256 f
 
 
 def model_tensors(n_features: int, hidden: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    model = build_model(ModelSpec(LabelSpec.create("binary"), FeatureSpec(n_features), "mlp", hidden))
+    model = build_model(
+        ModelSpec(LabelSpec.create("binary"), FeatureSpec(n_features), "mlp", {"hidden": list(hidden)})
+    )
     return {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
 
 

@@ -45,7 +45,12 @@ def bench_steps() -> str:
     rows = []
     for (arch, hidden), batch_size in itertools.product(ARCHS, BATCH_SIZES):
         batches = [decoder.decode(data[i : i + batch_size]) for i in range(0, len(data), batch_size)]
-        spec = ModelSpec(LabelSpec.create("binary"), FeatureSpec(10), arch, hidden)
+        spec = ModelSpec(
+            LabelSpec.create("binary"),
+            FeatureSpec(10),
+            arch,
+            {"hidden": list(hidden)} if arch == "mlp" else {},
+        )
         model = build_model(spec)
         trainer = Trainer(model, make_optimizer("adam", model, 0.005), pick_device("cpu"))
         started = time.perf_counter()

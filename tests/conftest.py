@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from streamlearn.broker import free_port
+from streamlearn.config import TrainSettings
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
 from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
@@ -21,7 +22,8 @@ def make_spec(task: str = "binary", n_features: int = 3, arch: str = "linear", *
     if task == "multiclass" and not labels:
         labels = {"num_classes": 3}
     label_spec = LabelSpec.create(task, **labels)
-    return ModelSpec(label_spec, FeatureSpec(n_features), arch=arch, hidden=(16,))
+    settings = TrainSettings(task="binary", arch=arch, hidden=(16,))  # each architecture's defaults
+    return ModelSpec.create(label_spec, FeatureSpec(n_features), arch, settings)
 
 
 def concept_batch(n: int, task: str = "binary", n_features: int = 3, seed: int = 0) -> DecodedBatch:

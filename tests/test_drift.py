@@ -6,10 +6,10 @@ import numpy as np
 import orjson
 import pytest
 
-from streamlearn.train.drift import Adwin, DriftMonitor, PageHinkley
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import LabelSpec, RecordDecoder
 from streamlearn.streams import records
+from streamlearn.train.drift import Adwin, DriftMonitor, PageHinkley
 from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
 
 BATCH = 256
@@ -78,7 +78,7 @@ def test_concept_drift_in_the_sea_stream_is_caught_after_the_switch_and_not_befo
     for start in range(0, len(stream), BATCH):
         batch = decoder.decode(stream[start : start + BATCH])
         if trainer is None:
-            model = build_model(ModelSpec(info_labels, decoder.features, "mlp", (32,)))
+            model = build_model(ModelSpec(info_labels, decoder.features, "mlp", {"hidden": [32]}))
             trainer = Trainer(model, make_optimizer("adam", model, 0.01), pick_device("cpu"))
         result = trainer.step(batch)
         report = monitor.update(batch.features, batch.labels, result.errors)

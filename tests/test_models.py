@@ -76,3 +76,70 @@ def test_normalizer_matches_numpy_over_many_batches():
     standardized = normalizer(torch.from_numpy(data).float())
     np.testing.assert_allclose(standardized.mean(dim=0).numpy(), 0, atol=1e-4)
     np.testing.assert_allclose(standardized.std(dim=0, unbiased=False).numpy(), 1, atol=1e-4)
+
+
+@pytest.mark.parametrize(("arch", "task"), CASES)
+def test_every_architecture_learns_a_concept_and_is_served_from_its_snapshot(
+    make_trainer, tmp_path, arch, task
+):
+    from streamlearn.registry import ServedModel
+    from streamlearn.snapshots import LocalSnapshotStore
+
+    from .conftest import concept_batch, write_snapshot
+
+    trainer = make_trainer(task, arch=arch, lr=0.02)
+    losses = [trainer.step(concept_batch(64, task, seed=seed)).loss for seed in range(150)]
+    assert np.mean(losses[-20:]) < 0.6 * np.mean(losses[:5]), f"{arch}/{task} did not learn"
+
+    snapshot = write_snapshot(LocalSnapshotStore(tmp_path), "m", trainer, records=150 * 64)
+    served = ServedModel.from_snapshot(LocalSnapshotStore(tmp_path).load("m", snapshot.version))
+    x = torch.from_numpy(concept_batch(32, task, seed=999).features)
+    trainer.model.eval()
+    assert torch.equal(served.model.predict_batch(x).values, trainer.model.predict_batch(x).values)
+
+
+def test_a_new_architecture_is_one_class():
+    from streamlearn.config import TrainSettings
+    from streamlearn.models import ModelSpec, OnlineModel
+    from streamlearn.records import FeatureSpec, LabelSpec
+
+    class Bilinear(OnlineModel, arch="bilinear-test"):
+        uses = ("hidden",)
+
+        def __init__(self, spec):
+            super().__init__(spec)
+            self.inner = torch.nn.Bilinear(
+                spec.features.n_features, spec.features.n_features, spec.args["hidden"][0]
+            )
+            self.out = torch.nn.Linear(spec.args["hidden"][0], spec.labels.n_outputs)
+
+        def scores(self, x):
+            return self.out(self.inner(x, x))
+
+    try:
+        settings = TrainSettings(task="binary", arch="bilinear-test", hidden="5")
+        spec = ModelSpec.create(LabelSpec.create("binary"), FeatureSpec(3), settings.arch, settings)
+        model = build_model(ModelSpec.from_dict(spec.to_dict()))
+        assert isinstance(model, Bilinear) and spec.args == {"hidden": [5]}
+        assert model.predict_batch(torch.zeros(2, 3)).probabilities.shape == (2, 2)
+    finally:
+        ARCHITECTURES.pop("bilinear-test")
+
+
+def test_a_spec_of_the_first_snapshot_format_still_loads():
+    from streamlearn.models import ModelSpec
+
+    old = {
+        "labels": {"task": "binary", "classes": [], "num_classes": 2},
+        "features": {"n_features": 3, "names": []},
+        "arch": "mlp",
+        "hidden": [8, 4],
+        "seed": 1,
+    }
+    spec = ModelSpec.from_dict(old)
+    assert spec.args == {"hidden": [8, 4]} and spec.seed == 1
+    assert ModelSpec.from_dict({**old, "arch": "linear"}).args == {}
+    assert (
+        spec.mismatch(ModelSpec.from_dict({**old, "hidden": [8]}))
+        == "binary/mlp hidden=[8], not binary/mlp hidden=[8, 4]"
+    )

@@ -27,7 +27,7 @@ def trained(spec: ModelSpec, steps: int = 5) -> Trainer:
 
 
 BINARY = ModelSpec(LabelSpec.create("binary", ("no", "yes")), FeatureSpec(3, ("a", "b", "c")), "linear")
-REGRESSION = ModelSpec(LabelSpec.create("regression"), FeatureSpec(3), "mlp", (8,))
+REGRESSION = ModelSpec(LabelSpec.create("regression"), FeatureSpec(3), "mlp", {"hidden": [8]})
 
 
 @pytest.fixture

@@ -85,8 +85,8 @@ def test_restored_state_continues_exactly_like_the_original(make_trainer):
 
 
 def test_a_model_with_non_finite_weights_is_never_snapshotted(make_trainer):
-    from streamlearn.train.checkpoint import snapshot_content
     from streamlearn.errors import SnapshotError
+    from streamlearn.train.checkpoint import snapshot_content
 
     trainer = make_trainer("binary")
     trainer.step(concept_batch(64))

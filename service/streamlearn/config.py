@@ -92,7 +92,7 @@ class TrainSettings(_KafkaClientSettings):
     feature_names: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Order of dict features, comma-separated; default: sorted keys of the first record."
     )
-    arch: Literal["linear", "mlp"] = Field("mlp", description="Model architecture.")
+    arch: str = Field("mlp", description="Model architecture: linear or mlp (see models.py).")
     hidden: Annotated[tuple[int, ...], NoDecode] = Field(
         (64, 64), description="Hidden layer widths of the MLP, comma-separated."
     )
@@ -168,6 +168,15 @@ class TrainSettings(_KafkaClientSettings):
     @classmethod
     def _comma_lists(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        from streamlearn.models import ARCHITECTURES  # torch loads only for the commands that learn
+
+        if value not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {value!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+        return value
 
     @field_validator("hidden")
     @classmethod

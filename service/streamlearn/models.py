@@ -8,7 +8,7 @@ Training (optimizers, test-then-train) lives in trainer.py; serving only needs t
 import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -16,35 +16,72 @@ from torch import Tensor, nn
 from streamlearn.errors import SnapshotMismatch
 from streamlearn.records import FeatureSpec, LabelSpec
 
+ARCHITECTURES: dict[str, type["OnlineModel"]] = {}  # filled by each architecture's class statement
+
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to rebuild a model's architecture; stored in every snapshot."""
+    """Everything needed to rebuild a model's architecture; stored in every snapshot.
+
+    `args` are the architecture's own arguments (the settings its class names in `uses`, such
+    as an MLP's `hidden` widths), so a new architecture needs no change here.
+    """
 
     labels: LabelSpec
     features: FeatureSpec
     arch: str = "mlp"
-    hidden: tuple[int, ...] = (64, 64)
+    args: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+
+    @classmethod
+    def create(
+        cls, labels: LabelSpec, features: FeatureSpec, arch: str, settings: Any, seed: int = 0
+    ) -> "ModelSpec":
+        """The spec of architecture `arch` with its arguments taken from `settings` (by name)."""
+        uses = architecture(arch).uses
+        return cls(labels, features, arch, {name: _plain(getattr(settings, name)) for name in uses}, seed)
+
+    def mismatch(self, other: "ModelSpec") -> str | None:
+        """Why a snapshot of `other` cannot continue this model's learning, or None if it can."""
+        if (self.labels.task, self.arch, self.args) != (other.labels.task, other.arch, other.args):
+            return f"{other.describe()}, not {self.describe()}"
+        if self.labels.classes and self.labels.classes != other.labels.classes:
+            return f"classes {list(other.labels.classes)}, not {list(self.labels.classes)}"
+        if self.features.n_features and self.features.n_features != other.features.n_features:
+            return f"{other.features.n_features} features, not {self.features.n_features}"
+        return None
+
+    def describe(self) -> str:
+        args = "".join(f" {name}={value}" for name, value in sorted(self.args.items()))
+        return f"{self.labels.task}/{self.arch}{args}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "labels": self.labels.to_dict(),
             "features": self.features.to_dict(),
             "arch": self.arch,
-            "hidden": list(self.hidden),
+            "args": self.args,
             "seed": self.seed,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        arch = data["arch"]
+        args = data.get("args")
+        if args is None:  # format 1 kept an MLP's widths beside the arch, for every architecture
+            args = {name: data[name] for name in architecture(arch).uses if name in data}
         return cls(
             labels=LabelSpec.from_dict(data["labels"]),
             features=FeatureSpec.from_dict(data["features"]),
-            arch=data["arch"],
-            hidden=tuple(data.get("hidden") or ()),
+            arch=arch,
+            args={name: _plain(value) for name, value in args.items()},
             seed=int(data.get("seed", 0)),
         )
+
+
+def _plain(value: Any) -> Any:
+    """A setting as it reads back from JSON (tuples become lists), so specs compare equal."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 @dataclass
@@ -137,7 +174,18 @@ HEADS: dict[str, type[TaskHead]] = {
 
 
 class OnlineModel(nn.Module, ABC):
-    """The model contract: standardize, score, predict, weigh losses, and carry its own state."""
+    """The model contract: standardize, score, predict, weigh losses, and carry its own state.
+
+    A subclass declared with `arch="name"` is an architecture: --arch name builds it, and the
+    settings named in `uses` become its arguments (spec.args). That class is all a new one needs.
+    """
+
+    uses: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, arch: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if arch is not None:
+            ARCHITECTURES[arch] = cls
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -173,7 +221,7 @@ class OnlineModel(nn.Module, ABC):
         self.load_state_dict(tensors)
 
 
-class LinearModel(OnlineModel):
+class LinearModel(OnlineModel, arch="linear"):
     """Linear, logistic or softmax regression, by task."""
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -184,12 +232,14 @@ class LinearModel(OnlineModel):
         return self.linear(x)
 
 
-class MLPModel(OnlineModel):
+class MLPModel(OnlineModel, arch="mlp"):
     """A ReLU multilayer perceptron with the task's output layer."""
+
+    uses = ("hidden",)
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
-        widths = [spec.features.n_features, *spec.hidden]
+        widths = [spec.features.n_features, *spec.args["hidden"]]
         layers: list[nn.Module] = []
         for n_in, n_out in itertools.pairwise(widths):
             layers += [nn.Linear(n_in, n_out), nn.ReLU()]
@@ -200,13 +250,16 @@ class MLPModel(OnlineModel):
         return self.layers(x)
 
 
-ARCHITECTURES: dict[str, type[OnlineModel]] = {"linear": LinearModel, "mlp": MLPModel}
+def architecture(arch: str) -> type[OnlineModel]:
+    """The model class registered as `arch`."""
+    if arch not in ARCHITECTURES:
+        raise SnapshotMismatch(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[arch]
 
 
 def build_model(spec: ModelSpec) -> OnlineModel:
     """A freshly initialised model; the same spec (seed included) gives the same weights."""
-    if spec.arch not in ARCHITECTURES:
-        raise SnapshotMismatch(f"unknown architecture {spec.arch!r}; known: {sorted(ARCHITECTURES)}")
+    model_class = architecture(spec.arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        return ARCHITECTURES[spec.arch](spec)
+        return model_class(spec)

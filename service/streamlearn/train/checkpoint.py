@@ -228,7 +228,7 @@ def snapshot_content(
         task=spec.labels.task,
         classes=spec.labels.class_names if spec.labels.task != "regression" else [],
         features=spec.features.to_dict(),
-        architecture={"arch": spec.arch, "hidden": list(spec.hidden) if spec.arch == "mlp" else []},
+        architecture={"arch": spec.arch, **spec.args},
         normalizer=_normalizer_summary(trainer),
         training=training,
     )

@@ -114,17 +114,12 @@ class Pipeline:
 
     def _check_compatible(self, spec: ModelSpec) -> None:
         s = self.settings
-        wanted = (self.labels.task, s.arch, tuple(s.hidden) if s.arch == "mlp" else ())
-        found = (spec.labels.task, spec.arch, spec.hidden if spec.arch == "mlp" else ())
-        if wanted != found or (self.labels.classes and self.labels.classes != spec.labels.classes):
+        wanted = ModelSpec.create(self.labels, self.decoder.features or FeatureSpec(0), s.arch, s, s.seed)
+        mismatch = wanted.mismatch(spec)
+        if mismatch is not None:
             raise SnapshotMismatch(
-                f"snapshots of model {s.model_name!r} in {s.snapshot_dir} are "
-                f"{_describe(*found)}, not {_describe(*wanted)}: use another --model-name or --snapshot-dir"
-            )
-        if self.decoder.features and self.decoder.features.n_features != spec.features.n_features:
-            raise SnapshotMismatch(
-                f"snapshots of model {s.model_name!r} have {spec.features.n_features} features, "
-                f"not {self.decoder.features.n_features}"
+                f"snapshots of model {s.model_name!r} in {s.snapshot_dir} are {mismatch}: "
+                "use another --model-name or --snapshot-dir"
             )
 
     def _build(self, spec: ModelSpec) -> Learning:
@@ -242,7 +237,7 @@ class Pipeline:
             assert self.decoder.features is not None  # fixed by the first valid record
             s = self.settings
             self.learning = self._build(
-                ModelSpec(self.labels, self.decoder.features, s.arch, s.hidden, s.seed)
+                ModelSpec.create(self.labels, self.decoder.features, s.arch, s, s.seed)
             )
         trainer, m = self.learning.trainer, self.metrics
         with m.train_step.time():
@@ -335,7 +330,3 @@ class Pipeline:
         for tp in partitions:
             self.telemetry.released(tp.partition)
         consumer.incremental_unassign(partitions)
-
-
-def _describe(task: str, arch: str, hidden: tuple[int, ...]) -> str:
-    return f"{task}/{arch}" + (f"{list(hidden)}" if hidden else "")
