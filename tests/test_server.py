@@ -1,7 +1,11 @@
 """The KServe V1 server: predictions, errors as JSON 4xx, readiness and hot reload."""
 
+import asyncio
+import gzip
+import math
 import time
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -9,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from streamlearn.broker import free_port
 from streamlearn.config import ServeSettings
+from streamlearn.errors import ConfigError
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import FeatureSpec, LabelSpec
 from streamlearn.snapshots import LocalSnapshotStore, open_store
@@ -184,21 +189,181 @@ def test_predict_requests_are_measured(client, store):
     assert registry.get_sample_value("streamlearn_served_model_version", {"model": "default"}) == 1
 
 
-def test_openapi_documents_the_predict_route(client):
-    spec = client.get("/openapi.json").json()
-    assert "/v1/models/{name}:predict" in spec["paths"]
-    assert client.get("/docs").status_code == 200
-
-
-def test_a_json_body_is_read_whatever_its_content_type(client, store):
+@pytest.fixture
+def serving(client, store):
+    """The client, once a regression model named default is served."""
     write_snapshot(store, "default", trained(REGRESSION))
     wait_for(lambda: client.get("/readyz").status_code == 200)
-    form_typed = {"content-type": "application/x-www-form-urlencoded"}  # what curl -d sends
-    response = client.post(
-        "/v1/models/default:predict", content=b'{"instances": [[1, 2, 3]]}', headers=form_typed
+    return client
+
+
+def predict(client, instances):
+    return client.post("/v1/models/default:predict", json={"instances": instances})
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/x-www-form-urlencoded",  # what curl -d sends
+        "text/plain",
+        "application/xml",
+        "multipart/form-data; boundary=x",
+    ],
+)
+def test_a_body_not_declared_as_json_is_a_415(serving, content_type):
+    response = serving.post(
+        "/v1/models/default:predict",
+        content=b'{"instances": [[1, 2, 3]]}',
+        headers={"content-type": content_type},
+    )
+    assert response.status_code == 415
+    assert "must be application/json" in response.json()["error"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "gzip, identity"])
+def test_a_compressed_body_is_a_415(serving, encoding):
+    body = gzip.compress(b'{"instances": [[1, 2, 3]]}')
+    headers = {"content-type": "application/json", "content-encoding": encoding}
+    response = serving.post("/v1/models/default:predict", content=body, headers=headers)
+    assert response.status_code == 415
+    assert "Content-Encoding" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # no Content-Type: taken as JSON
+        {"content-type": "application/json; charset=utf-8"},
+        {"content-type": "Application/JSON"},
+        {"content-type": "application/vnd.kserve+json"},
+        {"content-type": "application/json", "content-encoding": "identity"},
+    ],
+)
+def test_json_content_types_are_accepted(serving, headers):
+    response = serving.post(
+        "/v1/models/default:predict", content=b'{"instances": [[1, 2, 3]]}', headers=headers
     )
     assert response.status_code == 200, response.text
     assert len(response.json()["predictions"]) == 1
+
+
+@pytest.mark.parametrize("huge", [1e308, 3.5e38, -1e39, 10**400])
+def test_a_feature_beyond_float32_is_a_422_naming_the_instance(serving, huge):
+    response = predict(serving, [[1, 2, 3], [1, huge, 3]])
+    assert response.status_code == 422
+    assert response.json()["error"].startswith("instance 1: ")
+
+
+def test_a_standardized_overflow_is_a_422_naming_the_instance(client, store):
+    trainer = trained(REGRESSION)
+    trainer.model.normalizer.m2[0] = 0.0  # a feature that never varied: its std is sqrt(eps) = 1e-4
+    write_snapshot(store, "default", trainer)
+    wait_for(lambda: client.get("/readyz").status_code == 200)
+    assert predict(client, [[1e30, 2, 3]]).status_code == 200
+    response = predict(client, [[1, 2, 3], [2, 2, 3], [1e35, 2, 3]])  # 1e35 / 1e-4 overflows float32
+    assert response.status_code == 422
+    assert response.json()["error"].startswith("instance 2: a standardized feature overflows float32")
+
+
+@pytest.mark.parametrize("task", ["regression", "binary"])
+def test_a_non_finite_output_is_a_422_never_a_null(client, store, task):
+    model = build_model(ModelSpec(LabelSpec.create(task), FeatureSpec(3), "linear"))
+    with torch.no_grad():
+        model.linear.weight.fill_(1e30)  # finite weights, an output beyond float32 for large features
+    write_snapshot(store, "default", Trainer(model, make_optimizer("sgd", model, 0.1), pick_device("cpu")))
+    wait_for(lambda: client.get("/readyz").status_code == 200)
+    response = predict(client, [[1e-30, 0, 0], [1e10, 1e10, 1e10]])
+    assert response.status_code == 422
+    assert response.json()["error"] == "instance 1: the model's output is not finite for these features"
+    body = predict(client, [[1e-30, 0, 0], [-1e-30, 0, 0]]).json()
+    assert all(math.isfinite(value) for value in body["predictions"] if isinstance(value, float))
+    for probabilities in body.get("probabilities", []):
+        assert sum(probabilities) == pytest.approx(1.0) and all(0 <= p <= 1 for p in probabilities)
+
+
+@pytest.mark.parametrize("method", ["GET", "OPTIONS", "PUT", "DELETE"])
+def test_other_methods_on_predict_are_a_405_allowing_post(serving, method):
+    response = serving.request(method, "/v1/models/default:predict")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert response.json() == {"error": "Method Not Allowed"}
+
+
+@pytest.mark.parametrize("path", ["/v1/models/_x", "/v1/models/" + "a" * 65, "/v1/models/a:b"])
+def test_a_name_that_is_no_model_name_is_a_404(serving, path):
+    response = serving.get(path)
+    assert response.status_code == 404 and "error" in response.json()
+
+
+def test_an_unmapped_error_is_a_500_and_so_is_any_exception(store, caplog):
+    app = create_app_for(ServeSettings(snapshot_dir=store.root))
+
+    @app.get("/unmapped")
+    async def unmapped():
+        raise ConfigError("a setting nobody mapped to a status")
+
+    @app.get("/broken")
+    async def broken():
+        raise RuntimeError("a bug")
+
+    with TestClient(app) as client:
+        response = client.get("/unmapped")
+        assert response.status_code == 500
+        assert response.json() == {"error": "a setting nobody mapped to a status"}
+        response = client.get("/broken")
+        assert response.status_code == 500
+        assert response.json() == {"error": "internal server error"}
+        assert response.headers["content-type"] == "application/json"
+    assert "unexpected error answering GET /broken" in caplog.text
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_408(store):
+    settings = ServeSettings(snapshot_dir=store.root, body_timeout_s=0.2)
+    app = create_app_for(settings)
+
+    async def one_byte_then_nothing():
+        yield b"{"
+        await asyncio.sleep(30)  # the stalled client: the server must not wait for it
+
+    async def send_slowly():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return await http.post(
+                "/v1/models/default:predict",
+                content=one_byte_then_nothing(),
+                headers={"content-type": "application/json"},
+            )
+
+    started = time.monotonic()
+    response = asyncio.run(asyncio.wait_for(send_slowly(), 10))
+    assert response.status_code == 408 and "within 0.2s" in response.json()["error"]
+    assert response.headers["connection"] == "close"
+    assert time.monotonic() - started < 5
+    timeouts = app.state.metrics.registry.get_sample_value
+    assert timeouts("streamlearn_request_timeouts_total", {"phase": "body"}) == 1
+
+
+def test_the_openapi_document_describes_every_answer(client):
+    spec = client.get("/openapi.json").json()
+    assert client.get("/docs").status_code == 200
+    predict_op = spec["paths"]["/v1/models/{name}:predict"]["post"]
+    assert set(predict_op["responses"]) == {"200", "400", "404", "408", "413", "415", "422", "500", "503"}
+    error = {"$ref": "#/components/schemas/ErrorBody"}
+    assert all(
+        answer["content"]["application/json"]["schema"] == error
+        for code, answer in predict_op["responses"].items()
+        if code != "200"
+    )
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    name = next(p for p in predict_op["parameters"] if p["name"] == "name")
+    assert name["schema"]["pattern"] == "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+    instances = predict_op["requestBody"]["content"]["application/json"]["schema"]["properties"]["instances"]
+    assert instances["minItems"] == 1 and instances["maxItems"] == 10
+    metrics = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain"]
+    for path, operations in spec["paths"].items():
+        for operation in operations.values():
+            assert {"408", "413", "500", "503"} <= set(operation["responses"]), path
 
 
 def test_a_store_outage_keeps_the_served_model_and_is_logged_once(s3_endpoint, monkeypatch, caplog):

@@ -72,8 +72,8 @@ def run_train(settings: TrainSettings) -> int:
     from streamlearn import kafka
     from streamlearn.broker import ensure_port_free
     from streamlearn.metrics import TrainerMetrics
-    from streamlearn.train.pipeline import Pipeline
     from streamlearn.snapshots import open_store
+    from streamlearn.train.pipeline import Pipeline
 
     stop = _stop_event()  # first: a signal during start-up ends the trainer cleanly too
     open_store(settings.snapshot_dir).ensure_writable()
@@ -94,9 +94,17 @@ def run_train(settings: TrainSettings) -> int:
 
 
 def run_serve(settings: ServeSettings) -> int:
+    import socket
+
     import uvicorn
 
     from streamlearn.broker import ensure_port_free
+    from streamlearn.connections import (
+        ConnectionGuard,
+        deepen_listen_queues,
+        fit_open_files,
+        rate_limit_logs,
+    )
     from streamlearn.server import create_app
 
     class Server(uvicorn.Server):
@@ -107,15 +115,28 @@ def run_serve(settings: ServeSettings) -> int:
                 signal.signal(signum, lambda *_: setattr(self, "should_exit", True))
             yield
 
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            deepen_listen_queues(getattr(self, "servers", ()))
+
     ensure_port_free(settings.host, settings.port, "prediction server")
+    app = create_app(settings)
+    capacity = fit_open_files(settings.max_connections)
+    guard = ConnectionGuard(
+        capacity.connections, settings.header_timeout_s, settings.body_timeout_s, app.state.metrics
+    )
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
+        backlog=capacity.accept_batch,
+        http=guard.protocol_class(),  # uvicorn's h11, with deadlines and a connection bound around it
+        ws="none",
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=10,
     )
+    rate_limit_logs()  # after uvicorn.Config, which configures logging
     Server(config).run()
     return 0
 

@@ -215,6 +215,22 @@ class ServeSettings(_Settings):
     reload_interval_s: float = Field(0.2, gt=0, le=60, description="How often to look for a new snapshot.")
     max_instances: int = Field(1024, ge=1, description="Most instances in one predict request.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body, in bytes.")
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="Most open client connections; beyond it a new one gets a 503 at once "
+        "(lowered to fit the open-file limit).",
+    )
+    header_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="Longest wait for a request's headers, from the connection's start or the "
+        "request's first byte; then 408.",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest wait for a request body once its headers arrived; then 408."
+    )
 
 
 class ProduceSettings(_KafkaClientSettings):

@@ -55,6 +55,10 @@ class MalformedBody(BadRequest):
     """A request body is not JSON at all."""
 
 
+class UnsupportedMediaType(BadRequest):
+    """A request body is declared as something other than uncompressed JSON."""
+
+
 class InvalidReason(StrEnum):
     """Why a record was rejected: a bounded set, used as a metric label and a DLQ header."""
 

@@ -188,3 +188,26 @@ class ServerMetrics:
             ["model"],
             registry=registry,
         )
+        self.open_connections = Gauge(
+            "streamlearn_open_connections",
+            "Client connections open (at most --max-connections).",
+            registry=registry,
+        )
+        self.connections_rejected = Counter(
+            "streamlearn_connections_rejected_total",
+            "Connections answered 503 and closed because --max-connections were open.",
+            registry=registry,
+        )
+        self.request_timeouts = Counter(
+            "streamlearn_request_timeouts_total",
+            "Requests answered 408 or closed because their headers or body arrived too slowly.",
+            ["phase"],
+            registry=registry,
+        )
+        for phase in ("headers", "body"):
+            self.request_timeouts.labels(phase)
+        self.client_disconnects = Counter(
+            "streamlearn_client_disconnects_total",
+            "Clients that disconnected before sending their whole request.",
+            registry=registry,
+        )

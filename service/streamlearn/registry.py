@@ -15,7 +15,7 @@ import torch
 
 from streamlearn.errors import BadRequest, InvalidRecord, ModelNotFound, ModelNotReady, SnapshotError
 from streamlearn.metrics import ServerMetrics
-from streamlearn.models import ModelSpec, OnlineModel, build_model
+from streamlearn.models import ModelSpec, OnlineModel, Prediction, build_model
 from streamlearn.snapshots import Snapshot, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -57,17 +57,8 @@ class ServedModel:
         }
 
     def predict(self, instances: list[Any]) -> dict[str, Any]:
-        """KServe V1 predictions for a list of feature lists or feature dicts."""
-        features = self.model.spec.features
-        rows = []
-        for index, instance in enumerate(instances):
-            try:
-                rows.append(features.row(instance))
-            except InvalidRecord as exc:
-                raise BadRequest(f"instance {index}: {exc.detail}") from None
-        x = torch.from_numpy(np.asarray(rows, dtype=np.float32))
-        with torch.inference_mode():
-            prediction = self.model.predict_batch(x)
+        """KServe V1 predictions for a list of feature lists or feature dicts; never NaN or infinite."""
+        prediction = self._predict_finite(self._features(instances))
         response: dict[str, Any] = {"model_name": self.name, "model_version": self.version}
         labels = self.model.spec.labels
         if prediction.probabilities is None:
@@ -77,6 +68,39 @@ class ServedModel:
             response["predictions"] = [labels.classes[i] for i in indices] if labels.classes else indices
             response["probabilities"] = prediction.probabilities.tolist()
         return response
+
+    def _features(self, instances: list[Any]) -> torch.Tensor:
+        features = self.model.spec.features
+        rows = []
+        for index, instance in enumerate(instances):
+            try:
+                rows.append(features.row(instance))
+            except InvalidRecord as exc:
+                raise BadRequest(f"instance {index}: {exc.detail}") from None
+        with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+            x = torch.from_numpy(np.asarray(rows, dtype=np.float32))
+        _refuse_non_finite(x, "a feature does not fit float32 (|x| > 3.4e38)")
+        return x
+
+    def _predict_finite(self, x: torch.Tensor) -> Prediction:
+        """The model's prediction, refusing an instance wherever a stage overflows float32."""
+        with torch.inference_mode():
+            standardized = self.model.normalizer(x)
+            _refuse_non_finite(
+                standardized, "a standardized feature overflows float32: far beyond the data learned"
+            )
+            prediction = self.model.head.predict(self.model.scores(standardized))
+        # Finite scores give finite probabilities that sum to 1 (sigmoid, or softmax less its max).
+        _refuse_non_finite(prediction.scores, "the model's output is not finite for these features")
+        return prediction
+
+
+def _refuse_non_finite(values: torch.Tensor, reason: str) -> None:
+    """BadRequest naming the first instance (row) with a NaN or an infinity, if any."""
+    finite = torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
+    if not finite.all():
+        index = int((~finite).nonzero()[0])
+        raise BadRequest(f"instance {index}: {reason}")
 
 
 class ModelRegistry:
