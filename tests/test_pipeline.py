@@ -82,7 +82,7 @@ def test_a_record_that_makes_decoding_raise_is_dead_lettered_and_the_rest_learne
 
 def test_a_record_that_makes_learning_raise_is_isolated_by_bisection(pipeline, monkeypatch):
     pipeline.process(records(8))  # builds the trainer
-    step = pipeline.learning.trainer.step
+    step = pipeline.learner.trainer.step
     stepped: list[int] = []
 
     def fragile_step(batch):
@@ -91,7 +91,7 @@ def test_a_record_that_makes_learning_raise_is_isolated_by_bisection(pipeline, m
             raise ZeroDivisionError("a bug of ours")
         return step(batch)
 
-    monkeypatch.setattr(pipeline.learning.trainer, "step", fragile_step)
+    monkeypatch.setattr(pipeline.learner.trainer, "step", fragile_step)
     batch = records(40)
     batch[17] = Consumed(17, b'{"features": [1, 1234.5, 2], "label": 1}')
     pipeline.process([Consumed(m.offset_ + 8, m.value_) for m in batch])

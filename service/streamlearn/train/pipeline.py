@@ -8,9 +8,7 @@ partitions.py, the order of a checkpoint in checkpoint.py, metrics and logs in t
 """
 
 import logging
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,28 +16,18 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from streamlearn import kafka
 from streamlearn.config import TrainSettings
-from streamlearn.errors import InvalidReason, SnapshotMismatch
+from streamlearn.errors import InvalidReason
 from streamlearn.metrics import TrainerMetrics
-from streamlearn.models import ModelSpec, build_model
-from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec, RecordDecoder, Rejected
+from streamlearn.records import FeatureSpec, LabelSpec, RecordDecoder, Rejected
 from streamlearn.snapshots import Snapshot, open_store
-from streamlearn.train.checkpoint import Checkpointer, run_bounded, snapshot_content
+from streamlearn.train.checkpoint import Checkpointer, run_bounded
 from streamlearn.train.dlq import DeadLetterQueue, Source, already_dead_lettered
-from streamlearn.train.drift import DriftMonitor
-from streamlearn.train.partitions import Offsets, Partitions, position
+from streamlearn.train.learner import Learner
+from streamlearn.train.partitions import Partitions, position
 from streamlearn.train.telemetry import Telemetry
-from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
+from streamlearn.train.trainer import pick_device
 
 log = logging.getLogger("streamlearn.train")
-
-
-@dataclass
-class Learning:
-    """The model being learned and what watches it, built once the feature vector is known."""
-
-    trainer: Trainer
-    drift: DriftMonitor
-    events: list[dict[str, Any]] = field(default_factory=list)  # the newest drift detections
 
 
 class Pipeline:
@@ -53,21 +41,18 @@ class Pipeline:
         if s.deterministic:
             torch.use_deterministic_algorithms(True)
         self.store = open_store(s.snapshot_dir, s.keep_snapshots)
-        self.labels = LabelSpec.create(s.task, s.classes, s.num_classes)
+        labels = LabelSpec.create(s.task, s.classes, s.num_classes)
         features = FeatureSpec(s.n_features or len(s.feature_names), s.feature_names)
-        self.decoder = RecordDecoder(
-            self.labels, features if features.n_features else None, s.max_record_bytes
-        )
+        self.decoder = RecordDecoder(labels, features if features.n_features else None, s.max_record_bytes)
         self.partitions: Partitions[Message] = Partitions(
             batch_size=s.batch_size if s.deterministic else None
         )
         self.telemetry = Telemetry(metrics, s.drift_per_feature)
+        self.learner = Learner(s, labels, self.device, self.telemetry)
         self.checkpoints = Checkpointer(
-            self.store, s.model_name, metrics, self.partitions, self._content, None, s.snapshot_interval_s,
-            s.shutdown_timeout_s,
+            self.store, s.model_name, metrics, self.partitions, self.learner.content, None,
+            s.snapshot_interval_s, s.shutdown_timeout_s,
         )  # fmt: skip
-        self.learning: Learning | None = None
-        self.records_learned = 0
         self.dlq: DeadLetterQueue | None = None
         self.dlq_marks: dict[int, int] = {}
         self.skip_dead_letters: set[Source] = set()
@@ -75,26 +60,24 @@ class Pipeline:
 
     # -- start-up -------------------------------------------------------------------------------
 
+    @property
+    def records_learned(self) -> int:
+        return self.learner.records_learned
+
     def restore(self) -> Snapshot | None:
         """Resume from the newest valid snapshot of this model, if any."""
         s = self.settings
         snapshot = self.store.load_latest(s.model_name)
         if snapshot is None:
             return None
-        if snapshot.meta["model"] is not None:  # None: written before the first valid record
-            spec = ModelSpec.from_dict(snapshot.meta["model"])
-            self._check_compatible(spec)
-            self.learning = self._build(spec)
-            self.learning.trainer.restore(snapshot.tensors, snapshot.meta["training"])
-            self.decoder.fix(spec.features)
-        self.records_learned = int(snapshot.meta["records_trained"])
+        features = self.learner.restore(snapshot, self.decoder.features)
+        if features is not None:
+            self.decoder.fix(features)
         self.checkpoints.restored(snapshot)
+        how = "at the group's offsets" if s.resume_from == "group" else "at its offsets"
+        log.info("resuming %s from snapshot v%d (%d records learned), %s", s.model_name, snapshot.version,
+                 self.records_learned, how)  # fmt: skip
         if s.resume_from == "group":  # keep the weights; positions come from Kafka
-            log.info(
-                "resuming %s from snapshot v%d's weights, at the group's offsets",
-                s.model_name,
-                snapshot.version,
-            )
             return snapshot
         self.partitions.learned = {
             (topic, int(partition)): int(offset)
@@ -104,35 +87,7 @@ class Pipeline:
         dlq = snapshot.meta.get("dlq") or {}
         if dlq.get("topic") == s.dead_letter_topic:
             self.dlq_marks = {int(p): int(o) for p, o in dlq.get("marks", {}).items()}
-        log.info(
-            "resuming %s from snapshot v%d (%d records learned)",
-            s.model_name,
-            snapshot.version,
-            self.records_learned,
-        )
         return snapshot
-
-    def _check_compatible(self, spec: ModelSpec) -> None:
-        s = self.settings
-        wanted = ModelSpec.create(self.labels, self.decoder.features or FeatureSpec(0), s.arch, s, s.seed)
-        mismatch = wanted.mismatch(spec)
-        if mismatch is not None:
-            raise SnapshotMismatch(
-                f"snapshots of model {s.model_name!r} in {s.snapshot_dir} are {mismatch}: "
-                "use another --model-name or --snapshot-dir"
-            )
-
-    def _build(self, spec: ModelSpec) -> Learning:
-        s = self.settings
-        model = build_model(spec)
-        trainer = Trainer(
-            model, make_optimizer(s.optimizer, model, s.lr, s.weight_decay), self.device, s.clip_grad_norm
-        )
-        names = list(spec.features.names) or [f"f{i}" for i in range(spec.features.n_features)]
-        drift = DriftMonitor(
-            names, spec.labels.task, spec.labels.n_outputs, s.drift_psi_threshold, s.drift_window
-        )
-        return Learning(trainer, drift)
 
     def _connect(self) -> Consumer:
         """Create the Kafka clients: the dead-letter producer first, then the consumer."""
@@ -215,7 +170,8 @@ class Pipeline:
         try:
             batch = self.decoder.decode([m.value() for m in messages])
             if len(batch):
-                self._learn(batch)
+                assert self.decoder.features is not None  # fixed by the first valid record
+                self.learner.learn(batch, self.decoder.features)
         except Exception as exc:
             if len(messages) > 1:
                 middle = len(messages) // 2
@@ -231,46 +187,6 @@ class Pipeline:
         for rejected in batch.rejected:  # sent once the batch went through, so never twice
             self._reject(messages[rejected.index], rejected)
 
-    def _learn(self, batch: DecodedBatch) -> None:
-        """Test, then train, then watch for drift: one micro-batch of valid records."""
-        if self.learning is None:
-            assert self.decoder.features is not None  # fixed by the first valid record
-            s = self.settings
-            self.learning = self._build(
-                ModelSpec.create(self.labels, self.decoder.features, s.arch, s, s.seed)
-            )
-        trainer, m = self.learning.trainer, self.metrics
-        with m.train_step.time():
-            result = trainer.step(batch)
-        m.batch_records.observe(len(batch))
-        if result.learned:
-            self.records_learned += len(batch)
-            m.records_trained.inc(len(batch))
-        else:
-            m.batches_skipped.inc()
-            log.warning("skipped a micro-batch of %d records: non-finite loss or gradient", len(batch))
-        self.telemetry.scores(trainer)
-        self._watch_drift(batch, result.errors)
-
-    def _watch_drift(self, batch: DecodedBatch, errors: Any) -> None:
-        assert self.learning is not None
-        learning, response = self.learning, self.settings.on_drift
-        report = learning.drift.update(batch.features, batch.labels, errors)
-        event = None
-        if report.detected:
-            event = {
-                "event": "drift_detected",
-                "detectors": report.detected,
-                "records_learned": self.records_learned,
-                "at_ms": int(time.time() * 1000),
-                "top_drifting_features": report.top_features if report.feature_drift else [],
-                "response": response if report.concept else "none",
-            }
-            learning.events = [*learning.events, event][-20:]
-        self.telemetry.drift(report, event)
-        if report.concept and response != "none":
-            learning.trainer.respond_to_drift(response)
-
     def _reject(self, message: Message, rejected: Rejected) -> None:
         topic, partition, offset = source = position(message)
         self.telemetry.rejected(f"{topic}[{partition}]@{offset}", rejected.reason.value, rejected.detail)
@@ -280,16 +196,6 @@ class Pipeline:
             self.skip_dead_letters.discard(source)  # dead-lettered by the run before a crash
             return
         self.dlq.send(message, rejected)
-
-    def _content(self, offsets: Offsets) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """What a checkpoint holds: the model's state, the offsets learned to, drift, the settings."""
-        config = self.settings.model_dump(mode="json", exclude={"kafka"})  # never the credentials
-        learning = self.learning
-        trainer = learning.trainer if learning else None
-        tensors, meta = snapshot_content(trainer, self.records_learned, offsets, config)
-        if learning is not None:
-            meta["drift"] = {**learning.drift.to_dict(), "events": learning.events}
-        return tensors, meta
 
     # -- rebalancing ----------------------------------------------------------------------------
 

@@ -1,0 +1,114 @@
+"""The model being learned and what watches it: test-then-train steps, drift, and snapshot content.
+
+The model is built once the feature vector is known (from the first valid record, or from a
+snapshot), so the loop needs no knowledge of architectures, optimizers or drift detectors.
+"""
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from streamlearn.config import TrainSettings
+from streamlearn.errors import SnapshotMismatch
+from streamlearn.models import ModelSpec, build_model
+from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
+from streamlearn.snapshots import Snapshot
+from streamlearn.train.checkpoint import snapshot_content
+from streamlearn.train.drift import DriftMonitor
+from streamlearn.train.partitions import Offsets
+from streamlearn.train.telemetry import Telemetry
+from streamlearn.train.trainer import Trainer, make_optimizer
+
+log = logging.getLogger("streamlearn.train")
+
+
+class Learner:
+    """One model, its optimizer and its drift detectors, learning decoded micro-batches."""
+
+    def __init__(
+        self, settings: TrainSettings, labels: LabelSpec, device: torch.device, telemetry: Telemetry
+    ) -> None:
+        self.settings = settings
+        self.labels = labels
+        self.device = device
+        self.telemetry = telemetry
+        self.trainer: Trainer | None = None  # built once the feature vector is known
+        self.drift: DriftMonitor | None = None
+        self.events: list[dict[str, Any]] = []  # the newest drift detections, kept in snapshots
+        self.records_learned = 0
+
+    def restore(self, snapshot: Snapshot, features: FeatureSpec | None) -> FeatureSpec | None:
+        """Continue from a snapshot; the feature vector it fixes (None before its first record)."""
+        self.records_learned = int(snapshot.meta["records_trained"])
+        if snapshot.meta["model"] is None:  # written before the first valid record
+            return None
+        spec = ModelSpec.from_dict(snapshot.meta["model"])
+        s = self.settings
+        wanted = ModelSpec.create(self.labels, features or FeatureSpec(0), s.arch, s, s.seed)
+        mismatch = wanted.mismatch(spec)
+        if mismatch is not None:
+            raise SnapshotMismatch(
+                f"snapshots of model {s.model_name!r} in {s.snapshot_dir} are {mismatch}: "
+                "use another --model-name or --snapshot-dir"
+            )
+        self._build(spec)
+        assert self.trainer is not None
+        self.trainer.restore(snapshot.tensors, snapshot.meta["training"])
+        return spec.features
+
+    def learn(self, batch: DecodedBatch, features: FeatureSpec) -> None:
+        """Test, then train, then watch for drift: one micro-batch of valid records."""
+        if self.trainer is None:
+            s = self.settings
+            self._build(ModelSpec.create(self.labels, features, s.arch, s, s.seed))
+        assert self.trainer is not None
+        m = self.telemetry.metrics
+        with m.train_step.time():
+            result = self.trainer.step(batch)
+        m.batch_records.observe(len(batch))
+        if result.learned:
+            self.records_learned += len(batch)
+            m.records_trained.inc(len(batch))
+        else:
+            m.batches_skipped.inc()
+            log.warning("skipped a micro-batch of %d records: non-finite loss or gradient", len(batch))
+        self.telemetry.scores(self.trainer)
+        self._watch_drift(batch, result.errors)
+
+    def content(self, offsets: Offsets) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What a checkpoint holds: the model's state, the offsets learned to, drift, the settings."""
+        config = self.settings.model_dump(mode="json", exclude={"kafka"})  # never the credentials
+        tensors, meta = snapshot_content(self.trainer, self.records_learned, offsets, config)
+        if self.drift is not None:
+            meta["drift"] = {**self.drift.to_dict(), "events": self.events}
+        return tensors, meta
+
+    def _build(self, spec: ModelSpec) -> None:
+        s = self.settings
+        model = build_model(spec)
+        optimizer = make_optimizer(s.optimizer, model, s.lr, s.weight_decay)
+        self.trainer = Trainer(model, optimizer, self.device, s.clip_grad_norm)
+        names = list(spec.features.names) or [f"f{i}" for i in range(spec.features.n_features)]
+        task, outputs = spec.labels.task, spec.labels.n_outputs
+        self.drift = DriftMonitor(names, task, outputs, s.drift_psi_threshold, s.drift_window)
+
+    def _watch_drift(self, batch: DecodedBatch, errors: Any) -> None:
+        assert self.drift is not None and self.trainer is not None
+        response = self.settings.on_drift
+        report = self.drift.update(batch.features, batch.labels, errors)
+        event = None
+        if report.detected:
+            event = {
+                "event": "drift_detected",
+                "detectors": report.detected,
+                "records_learned": self.records_learned,
+                "at_ms": int(time.time() * 1000),
+                "top_drifting_features": report.top_features if report.feature_drift else [],
+                "response": response if report.concept else "none",
+            }
+            self.events = [*self.events, event][-20:]
+        self.telemetry.drift(report, event)
+        if report.concept and response != "none":
+            self.trainer.respond_to_drift(response)
