@@ -12,9 +12,9 @@ import orjson
 from river import forest, linear_model, preprocessing, tree
 
 from common import table
+from streamlearn.dev.streams import records
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import LabelSpec, RecordDecoder
-from streamlearn.streams import records
 from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
 
 N_RECORDS = 20_000

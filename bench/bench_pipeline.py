@@ -10,10 +10,10 @@ from prometheus_client import CollectorRegistry
 
 from common import table
 from streamlearn import kafka
-from streamlearn.broker import EmbeddedBroker, free_port
 from streamlearn.config import TrainSettings
+from streamlearn.dev.broker import EmbeddedBroker, free_port
+from streamlearn.dev.streams import records
 from streamlearn.metrics import TrainerMetrics
-from streamlearn.streams import records
 from streamlearn.train.pipeline import Pipeline
 
 N_RECORDS = 200_000

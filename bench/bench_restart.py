@@ -14,8 +14,8 @@ from confluent_kafka import Producer
 
 from common import table
 from streamlearn import kafka
-from streamlearn.broker import EmbeddedBroker, free_port
-from streamlearn.streams import records
+from streamlearn.dev.broker import EmbeddedBroker, free_port
+from streamlearn.dev.streams import records
 
 SESSION_TIMEOUTS_MS = (6000, 3000)
 RECORDS_PER_PHASE = 2000

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 
 from common import percentiles, table
-from streamlearn.broker import free_port
+from streamlearn.dev.broker import free_port
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
 from streamlearn.snapshots import LocalSnapshotStore, SnapshotStore

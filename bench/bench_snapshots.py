@@ -18,10 +18,10 @@ import fsspec
 import torch
 
 from common import percentiles, table
-from streamlearn.broker import free_port
+from streamlearn.dev.broker import free_port
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import FeatureSpec, LabelSpec
-from streamlearn.snapshots import SnapshotStore, open_store
+from streamlearn.snapshots import SnapshotContent, SnapshotStore, open_store
 
 REPEATS = 30
 MODELS = (("mlp [64, 64], 10 features", 10, (64, 64)), ("mlp [1024, 1024], 256 features", 256, (1024, 1024)))
@@ -44,7 +44,7 @@ def timed(call, repeats: int = REPEATS) -> tuple[float, float, float]:
 
 
 def measure(store: SnapshotStore, tensors: dict[str, torch.Tensor]) -> list[str]:
-    save = timed(lambda: store.save("m", tensors, {"records_trained": 0}))
+    save = timed(lambda: store.save("m", tensors, SnapshotContent(records_trained=0)))
     latest = timed(lambda: store.latest_version("m"))
     load = timed(lambda: store.load_latest("m"))
     return [

@@ -6,9 +6,9 @@ import time
 import orjson
 
 from common import table
+from streamlearn.dev.streams import records
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import FeatureSpec, LabelSpec, RecordDecoder
-from streamlearn.streams import records
 from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
 
 N_RECORDS = 50_000

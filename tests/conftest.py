@@ -11,8 +11,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from streamlearn.broker import free_port
 from streamlearn.config import TrainSettings
+from streamlearn.dev.broker import free_port
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
 from streamlearn.train.trainer import Trainer, make_optimizer, pick_device

@@ -8,7 +8,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from streamlearn.broker import free_port
+from streamlearn.dev.broker import free_port
 from streamlearn.models import build_model
 from streamlearn.snapshots import LocalSnapshotStore
 from streamlearn.train.trainer import Trainer, make_optimizer, pick_device

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.snapshots import LocalSnapshotStore
-from streamlearn.train.checkpoint import Checkpointer
+from streamlearn.train.checkpoint import Checkpointer, snapshot_content
 from streamlearn.train.partitions import Partitions
 
 
@@ -36,7 +36,7 @@ class RecordingConsumer:
 
     def commit(self, offsets, asynchronous):
         snapshot = self.store.load_latest("m")
-        durable = snapshot.meta["offsets"] if snapshot else None
+        durable = snapshot.meta.offsets if snapshot else None
         self.commits.append(({(tp.topic, tp.partition): tp.offset for tp in offsets}, asynchronous, durable))
 
 
@@ -48,10 +48,7 @@ def setup(tmp_path):
         partitions.assign(("events", partition), committed=0)
 
     def content(offsets):
-        by_topic = {}
-        for (topic, partition), offset in offsets.items():
-            by_topic.setdefault(topic, {})[str(partition)] = offset
-        return {}, {"records_trained": 0, "offsets": by_topic, "model": None, "training": None}
+        return snapshot_content(None, 0, offsets, {})
 
     checkpoints = Checkpointer(
         store, "m", TrainerMetrics(CollectorRegistry()), partitions, content, interval_s=0.0, timeout_s=0.5
@@ -85,7 +82,7 @@ def test_offsets_are_committed_only_once_their_snapshot_is_durable(setup):
     wait_until(lambda: checkpoints.pending.future.done())
     checkpoints.commit(consumer)
 
-    assert consumer.commits == [({("events", 0): 40}, True, {"events": {"0": 40}})]
+    assert consumer.commits == [({("events", 0): 40}, True, {"events": {0: 40}})]
 
 
 def test_a_failed_write_commits_nothing_and_is_retried(setup):
@@ -110,7 +107,7 @@ def test_a_revoke_commits_only_the_revoked_partitions_synchronously(setup):
 
     assert checkpoints.commit(consumer, force=True, revoking={("events", 1)})
 
-    assert consumer.commits == [({("events", 1): 20}, False, {"events": {"0": 10, "1": 20}})]
+    assert consumer.commits == [({("events", 1): 20}, False, {"events": {0: 10, 1: 20}})]
 
 
 def test_a_revoke_gives_up_within_its_deadline_and_commits_nothing(setup):
@@ -135,4 +132,4 @@ def test_shutdown_with_nothing_new_still_commits_every_owned_partition(setup):
 
     assert checkpoints.commit(consumer, force=True)  # nothing learned since: the offsets again
 
-    assert consumer.commits == [({("events", 1): 4}, False, {"events": {"0": 3, "1": 4}})]
+    assert consumer.commits == [({("events", 1): 4}, False, {"events": {0: 3, 1: 4}})]

@@ -11,8 +11,9 @@ import time
 import httpx
 import pytest
 
-from streamlearn import connections
-from streamlearn.connections import RateLimitFilter, RequestFraming, fit_open_files
+from streamlearn.serve import guard
+from streamlearn.serve.guard import RequestFraming, fit_open_files
+from streamlearn.serve.middleware import RateLimitFilter
 
 from .conftest import wait_for
 from .live_server import live_server, write_trained_model
@@ -70,13 +71,13 @@ def test_framing_stops_following_a_chunked_or_unreadable_request(head):
 
 def test_the_connection_limit_fits_below_the_open_file_limit(monkeypatch):
     limits = {"now": (256, 512)}
-    monkeypatch.setattr(connections.resource, "getrlimit", lambda _: limits["now"])
-    monkeypatch.setattr(connections.resource, "setrlimit", lambda _, value: limits.update(now=value))
+    monkeypatch.setattr(guard.resource, "getrlimit", lambda _: limits["now"])
+    monkeypatch.setattr(guard.resource, "setrlimit", lambda _, value: limits.update(now=value))
     # 512 descriptors: 32 accepted at once (4 x 32 in flight), 64 lingering, 128 kept: 192 left.
-    assert fit_open_files(1000) == connections.Capacity(connections=192, accept_batch=32)
+    assert fit_open_files(1000) == guard.Capacity(connections=192, accept_batch=32)
     assert limits["now"] == (512, 512)  # the soft limit raised to the hard one
     limits["now"] = (1024, 1_000_000)
-    assert fit_open_files(1000) == connections.Capacity(connections=1000, accept_batch=586)
+    assert fit_open_files(1000) == guard.Capacity(connections=1000, accept_batch=586)
     assert limits["now"] == (1000 + 4 * 2048 + 64 + 128, 1_000_000)  # raised only as far as needed
 
 

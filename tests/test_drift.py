@@ -6,9 +6,9 @@ import numpy as np
 import orjson
 import pytest
 
+from streamlearn.dev.streams import records
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import LabelSpec, RecordDecoder
-from streamlearn.streams import records
 from streamlearn.train.drift import Adwin, DriftMonitor, PageHinkley
 from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
 

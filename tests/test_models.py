@@ -82,7 +82,7 @@ def test_normalizer_matches_numpy_over_many_batches():
 def test_every_architecture_learns_a_concept_and_is_served_from_its_snapshot(
     make_trainer, tmp_path, arch, task
 ):
-    from streamlearn.registry import ServedModel
+    from streamlearn.serve.registry import ServedModel
     from streamlearn.snapshots import LocalSnapshotStore
 
     from .conftest import concept_batch, write_snapshot

@@ -11,8 +11,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from streamlearn.broker import free_port
 from streamlearn.config import ServeSettings
+from streamlearn.dev.broker import free_port
 from streamlearn.errors import ConfigError
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import FeatureSpec, LabelSpec
@@ -50,7 +50,7 @@ def client(store):
 
 
 def create_app_for(settings):
-    from streamlearn.server import create_app
+    from streamlearn.serve.app import create_app
 
     return create_app(settings)
 

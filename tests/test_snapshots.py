@@ -7,11 +7,19 @@ import os
 import threading
 
 import fsspec
+import orjson
 import pytest
 import torch
 
 from streamlearn.errors import SnapshotError, SnapshotStoreUnavailable
-from streamlearn.snapshots import META, BackgroundWriter, LocalSnapshotStore, SnapshotStore, open_store
+from streamlearn.snapshots import (
+    META,
+    BackgroundWriter,
+    LocalSnapshotStore,
+    SnapshotContent,
+    SnapshotStore,
+    open_store,
+)
 from streamlearn.snapshots import objects as object_backend
 from streamlearn.snapshots.objects import ObjectSnapshotStore
 
@@ -54,11 +62,11 @@ def test_an_unknown_url_scheme_is_a_clear_error():
 
 def test_versions_are_monotonic_and_self_describing(location):
     store = open_store(location)
-    first = store.save("m", tensors(1.0), {"records_trained": 10})
-    second = store.save("m", tensors(2.0), {"records_trained": 20})
+    first = store.save("m", tensors(1.0), SnapshotContent(records_trained=10))
+    second = store.save("m", tensors(2.0), SnapshotContent(records_trained=20))
     assert (first.version, second.version) == (1, 2)
     loaded = store.load("m", 2)
-    assert loaded.meta["records_trained"] == 20 and loaded.meta["model_name"] == "m"
+    assert loaded.meta.records_trained == 20 and loaded.meta.model_name == "m"
     assert torch.equal(loaded.tensors["model.w"], torch.full((3, 2), 2.0))
     assert store.models() == ["m"] and store.versions("m") == [1, 2]
 
@@ -71,9 +79,9 @@ def test_an_empty_store_has_no_models_and_no_versions(location):
 def test_only_the_newest_k_are_kept(location):
     store = open_store(location, keep=3)
     for i in range(7):
-        store.save("m", tensors(i), {})
+        store.save("m", tensors(i), SnapshotContent())
     assert store.versions("m") == [5, 6, 7]
-    assert store.save("m", tensors(), {}).version == 8
+    assert store.save("m", tensors(), SnapshotContent()).version == 8
     fs, root = raw(store)
     assert sorted(path.rsplit("/", 1)[-1] for path in fs.ls(f"{root}/m", detail=False)) == [
         f"{v:012d}" for v in (6, 7, 8)
@@ -82,10 +90,10 @@ def test_only_the_newest_k_are_kept(location):
 
 def test_a_corrupt_newest_snapshot_is_skipped_for_the_previous_one(location):
     store = open_store(location)
-    store.save("m", tensors(1.0), {})
-    newest = store.save("m", tensors(2.0), {})
+    store.save("m", tensors(1.0), SnapshotContent())
+    newest = store.save("m", tensors(2.0), SnapshotContent())
     fs, _ = raw(store)
-    weights = file_of(store, 2, newest.meta["weights_file"])
+    weights = file_of(store, 2, newest.meta.weights_file)
     fs.pipe_file(weights, fs.cat_file(weights)[:-7])  # truncated
     with pytest.raises(SnapshotError, match="checksum"):
         store.load("m", 2)
@@ -95,15 +103,15 @@ def test_a_corrupt_newest_snapshot_is_skipped_for_the_previous_one(location):
 
 def test_unreadable_metadata_is_skipped(location):
     store = open_store(location)
-    store.save("m", tensors(1.0), {})
-    store.save("m", tensors(2.0), {})
+    store.save("m", tensors(1.0), SnapshotContent())
+    store.save("m", tensors(2.0), SnapshotContent())
     raw(store)[0].pipe_file(file_of(store, 2, META), b"{not json")
     assert store.load_latest("m").version == 1
 
 
 def test_metadata_naming_weights_outside_its_version_is_refused(location):
     store = open_store(location)
-    store.save("m", tensors(1.0), {})
+    store.save("m", tensors(1.0), SnapshotContent())
     fs, _ = raw(store)
     meta = fs.cat_file(file_of(store, 1, META)).decode()
     escaped = meta.replace('"weights_file": "', '"weights_file": "../../')
@@ -114,14 +122,16 @@ def test_metadata_naming_weights_outside_its_version_is_refused(location):
 
 def test_readers_never_see_an_unpublished_version(location):
     store = open_store(location)
-    store.save("m", tensors(), {})
+    store.save("m", tensors(), SnapshotContent())
     fs, root = raw(store)
     if isinstance(store, LocalSnapshotStore):
         fs.makedirs(f"{root}/m/.tmp-2-abc")
     else:  # weights written, meta.json not yet: the writer crashed before publishing
         fs.pipe_file(f"{root}/m/{2:012d}/weights-abc.safetensors", b"partial")
     assert store.versions("m") == [1] and store.models() == ["m"]
-    assert store.save("m", tensors(), {}).version == 2  # an unpublished version is free to take
+    assert (
+        store.save("m", tensors(), SnapshotContent()).version == 2
+    )  # an unpublished version is free to take
 
 
 def test_concurrent_writers_never_share_a_version(location):
@@ -130,7 +140,7 @@ def test_concurrent_writers_never_share_a_version(location):
 
     def write(store: SnapshotStore, value: float) -> None:
         for _ in range(8):
-            saved.append(store.save("m", tensors(value), {"writer": value}).version)
+            saved.append(store.save("m", tensors(value), SnapshotContent(writer=value)).version)
 
     threads = [threading.Thread(target=write, args=(store, i)) for i, store in enumerate(stores)]
     for thread in threads:
@@ -140,16 +150,18 @@ def test_concurrent_writers_never_share_a_version(location):
     assert sorted(saved) == list(range(1, 17))
     for version in saved:  # each version is whole: one writer's weights under its own meta.json
         snapshot = stores[0].load("m", version)
-        assert torch.equal(snapshot.tensors["model.w"], tensors(snapshot.meta["writer"])["model.w"])
+        assert torch.equal(snapshot.tensors["model.w"], tensors(snapshot.meta.writer)["model.w"])
 
 
 def test_background_writer_saves_off_the_calling_thread(location):
     writer = BackgroundWriter(open_store(location))
-    future = writer.submit("m", tensors(3.0), {"records_trained": 1}, prepare=lambda: {"extra": 2})
+    future = writer.submit(
+        "m", tensors(3.0), SnapshotContent(records_trained=1), prepare=lambda: {"extra": 2}
+    )
     snapshot = future.result(timeout=10)
     writer.close()
     loaded = open_store(location).load("m", 1)
-    assert snapshot.version == 1 and loaded.meta["records_trained"] == 1 and loaded.meta["extra"] == 2
+    assert snapshot.version == 1 and loaded.meta.records_trained == 1 and loaded.meta.extra == 2
 
 
 # -- directory backend --------------------------------------------------------------------------
@@ -157,11 +169,11 @@ def test_background_writer_saves_off_the_calling_thread(location):
 
 def test_stale_temporary_directories_are_cleaned_on_prune(tmp_path):
     store = LocalSnapshotStore(tmp_path)
-    store.save("m", tensors(), {})
+    store.save("m", tensors(), SnapshotContent())
     stale = tmp_path / "m" / ".tmp-9-dead"
     stale.mkdir()
     os.utime(stale, (0, 0))
-    store.save("m", tensors(), {})
+    store.save("m", tensors(), SnapshotContent())
     assert not stale.exists()
 
 
@@ -177,7 +189,7 @@ def test_an_unwritable_root_is_a_clear_error(tmp_path):
 
 def test_unpublished_weights_are_pruned_once_stale(s3_url, monkeypatch):
     store = open_store(s3_url)
-    store.save("m", tensors(), {})
+    store.save("m", tensors(), SnapshotContent())
     orphan = f"{store.root}/m/{7:012d}/weights-crashed.safetensors"
     store.fs.pipe_file(orphan, b"left by a crashed writer")
     store.prune("m")
@@ -193,8 +205,8 @@ def test_a_missing_bucket_is_a_clear_error(s3_endpoint):
 
 
 def test_an_unreachable_store_is_an_outage_not_an_empty_store(s3_url, monkeypatch):
-    open_store(s3_url).save("m", tensors(), {})
-    from streamlearn.broker import free_port
+    open_store(s3_url).save("m", tensors(), SnapshotContent())
+    from streamlearn.dev.broker import free_port
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # fail fast; the default retries take ~8 s
@@ -204,3 +216,40 @@ def test_an_unreachable_store_is_an_outage_not_an_empty_store(s3_url, monkeypatc
         store.load_latest("m")
     with pytest.raises(SnapshotStoreUnavailable):
         store.models()
+
+
+def test_metadata_of_another_format_is_refused_naming_the_format(tmp_path):
+    store = LocalSnapshotStore(tmp_path)
+    store.save("m", tensors(), SnapshotContent())
+    meta = (tmp_path / "m" / f"{1:012d}" / META).read_text()
+    (tmp_path / "m" / f"{1:012d}" / META).write_text(
+        meta.replace("streamlearn-snapshot/1", "streamlearn-snapshot/9")
+    )
+    with pytest.raises(
+        SnapshotError, match="format 'streamlearn-snapshot/9' is not 'streamlearn-snapshot/1'"
+    ):
+        store.load("m", 1)
+
+
+def test_a_snapshot_written_before_the_typed_contract_still_loads(tmp_path):
+    """meta.json as the first releases wrote it: string partitions, the model spec twice."""
+    store = LocalSnapshotStore(tmp_path)
+    written = store.save("m", tensors(), SnapshotContent())
+    path = tmp_path / "m" / f"{1:012d}" / META
+    old = {
+        **{k: v for k, v in orjson.loads(path.read_bytes()).items() if k not in ("offsets", "dlq")},
+        "records_trained": 7,
+        "offsets": {"events": {"0": 5, "3": 9}},
+        "dlq": {"topic": "events.dlq", "marks": {"0": 2}},
+        "task": "binary",
+        "classes": ["0", "1"],
+        "features": {"n_features": 3, "names": []},
+        "architecture": {"arch": "mlp", "hidden": [8]},
+    }
+    path.write_bytes(orjson.dumps(old))
+
+    loaded = store.load("m", 1).meta
+
+    assert loaded.records_trained == 7 and loaded.offsets == {"events": {0: 5, 3: 9}}
+    assert loaded.dlq is not None and loaded.dlq.marks == {0: 2}
+    assert loaded.weights_sha256 == written.meta.weights_sha256

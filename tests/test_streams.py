@@ -6,8 +6,8 @@ import numpy as np
 import orjson
 import pytest
 
+from streamlearn.dev.streams import STREAMS, records, stream_info
 from streamlearn.records import LabelSpec, RecordDecoder
-from streamlearn.streams import STREAMS, records, stream_info
 
 
 @pytest.mark.parametrize("name", list(STREAMS))

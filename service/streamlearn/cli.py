@@ -26,6 +26,8 @@ from streamlearn.config import (
     StatusSettings,
     TrainSettings,
     UpSettings,
+    flag,
+    is_flag,
 )
 from streamlearn.errors import StreamlearnError
 
@@ -51,10 +53,11 @@ def _stop_event() -> threading.Event:
 
 
 def run_broker(settings: BrokerSettings) -> int:
-    from streamlearn.broker import EmbeddedBroker
+    from streamlearn.dev.broker import EmbeddedBroker
 
     stop = _stop_event()
-    broker = EmbeddedBroker(settings.host, settings.port, settings.broker_bin).start(output=None)
+    broker = EmbeddedBroker(settings.broker_host, settings.broker_port, settings.broker_bin)
+    broker.start(output=None)
     print(f"embedded Kafka-compatible broker listening on {broker.bootstrap} (memory storage; Ctrl-C stops)")
     try:
         while not stop.wait(0.5):
@@ -70,7 +73,7 @@ def run_train(settings: TrainSettings) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
     from streamlearn import kafka
-    from streamlearn.broker import ensure_port_free
+    from streamlearn.dev.broker import ensure_port_free
     from streamlearn.metrics import TrainerMetrics
     from streamlearn.snapshots import open_store
     from streamlearn.train.pipeline import Pipeline
@@ -79,7 +82,7 @@ def run_train(settings: TrainSettings) -> int:
     open_store(settings.snapshot_dir).ensure_writable()
     if settings.metrics_port:
         ensure_port_free(settings.metrics_host, settings.metrics_port, "trainer metrics")
-    kafka.check_reachable(settings.bootstrap, settings.kafka)
+    kafka.check_reachable(settings.bootstrap, settings.kafka, settings.connect_timeout_s)
     registry = CollectorRegistry()
     pipeline = Pipeline(settings, TrainerMetrics(registry))
     pipeline.restore()
@@ -98,14 +101,10 @@ def run_serve(settings: ServeSettings) -> int:
 
     import uvicorn
 
-    from streamlearn.broker import ensure_port_free
-    from streamlearn.connections import (
-        ConnectionGuard,
-        deepen_listen_queues,
-        fit_open_files,
-        rate_limit_logs,
-    )
-    from streamlearn.server import create_app
+    from streamlearn.dev.broker import ensure_port_free
+    from streamlearn.serve.app import create_app
+    from streamlearn.serve.guard import ConnectionGuard, deepen_listen_queues, fit_open_files
+    from streamlearn.serve.middleware import rate_limit_logs
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -142,7 +141,7 @@ def run_serve(settings: ServeSettings) -> int:
 
 
 def run_produce(settings: ProduceSettings) -> int:
-    from streamlearn.produce import publish
+    from streamlearn.dev.produce import publish
 
     stop = _stop_event()
     sent = publish(settings, stopped=stop.is_set)
@@ -154,11 +153,12 @@ def run_dlq_inspect(settings: DlqInspectSettings) -> int:
     from streamlearn import kafka
     from streamlearn.train.dlq import describe, read_from
 
-    kafka.check_reachable(settings.bootstrap, settings.kafka)
-    letters = read_from(settings.bootstrap, settings.kafka, settings.topic, limit=settings.limit)
+    kafka.check_reachable(settings.bootstrap, settings.kafka, settings.connect_timeout_s)
+    topic = settings.dead_letter_topic
+    letters = read_from(settings.bootstrap, settings.kafka, topic, limit=settings.limit)
     for message in letters:
         print(describe(message))
-    print(f"{len(letters)} dead letters shown from {settings.topic}")
+    print(f"{len(letters)} dead letters shown from {topic}")
     return 0
 
 
@@ -166,14 +166,15 @@ def run_dlq_replay(settings: DlqReplaySettings) -> int:
     from streamlearn import kafka
     from streamlearn.train.dlq import replay
 
-    kafka.check_reachable(settings.bootstrap, settings.kafka)
-    count = replay(settings.bootstrap, settings.kafka, settings.topic, settings.to, settings.limit)
-    print(f"replayed {count} dead letters from {settings.topic} to {settings.to or 'their source topics'}")
+    kafka.check_reachable(settings.bootstrap, settings.kafka, settings.connect_timeout_s)
+    topic = settings.dead_letter_topic
+    count = replay(settings.bootstrap, settings.kafka, topic, settings.to, settings.limit)
+    print(f"replayed {count} dead letters from {topic} to {settings.to or 'their source topics'}")
     return 0
 
 
 def run_status(settings: StatusSettings) -> int:
-    from streamlearn.status import show
+    from streamlearn.dev.status import show
 
     stop = _stop_event()
     if not show(settings.trainer, settings.server, settings.watch, settings.interval_s, stop.is_set):
@@ -184,7 +185,7 @@ def run_status(settings: StatusSettings) -> int:
 
 
 def run_up(settings: UpSettings) -> int:
-    from streamlearn.up import run_up as supervise
+    from streamlearn.dev.up import run_up as supervise
 
     return supervise(settings)
 
@@ -194,7 +195,11 @@ COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], int], str]] = {
     "train": (TrainSettings, run_train, "learn continuously from a topic and write snapshots"),
     "serve": (ServeSettings, run_serve, "serve predictions from the newest snapshots (KServe V1)"),
     "produce": (ProduceSettings, run_produce, "publish a synthetic, drifting demo stream"),
-    "up": (UpSettings, run_up, "start everything on this machine: broker, trainer, server (and a demo)"),
+    "up": (
+        UpSettings,
+        run_up,
+        "start the embedded broker (unless --bootstrap), trainer, server (and a demo)",
+    ),
     "status": (
         StatusSettings,
         run_status,
@@ -209,24 +214,20 @@ COMMANDS: dict[str, tuple[type[BaseModel], Callable[[Any], int], str]] = {
 }
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _add_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
     for name, field in model.model_fields.items():
-        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("cli") is False:
+        if not is_flag(field):
             continue
         default = "required" if field.is_required() else f"default: {_shown(field.default)}"
         help_text = f"{field.description} [{default}; env STREAMLEARN_{name.upper()}]"
         if field.annotation is bool:
             parser.add_argument(
-                _flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+                flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
             )
             continue
         choices = _choices(field.annotation)
         metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
-        parser.add_argument(_flag(name), metavar=metavar, default=argparse.SUPPRESS, help=help_text)
+        parser.add_argument(flag(name), metavar=metavar, default=argparse.SUPPRESS, help=help_text)
 
 
 def _choices(annotation: Any) -> list[str]:
@@ -265,8 +266,8 @@ def _one_line(error: ValidationError) -> str:
         return message
     name = str(first["loc"][0])
     if first["type"] == "missing":
-        return f"{_flag(name)} is required (or set STREAMLEARN_{name.upper()})"
-    return f"{_flag(name)}: {message}"
+        return f"{flag(name)} is required (or set STREAMLEARN_{name.upper()})"
+    return f"{flag(name)}: {message}"
 
 
 def main(argv: list[str] | None = None) -> int:

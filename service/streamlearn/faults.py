@@ -4,6 +4,9 @@ STREAMLEARN_CRASH_AT=point[:n][,point[:n]...]: the n-th time (default: first) th
 reaches a named point it kills itself with SIGKILL, as a power cut or the OOM killer would: no
 cleanup, no flush. STREAMLEARN_RAISE_ON=marker: decoding a micro-batch raises RuntimeError when
 one of its values contains the marker, as a bug of ours would. Unset, each costs a lookup.
+
+Test-only, yet not in dev/: the crash points sit in the trainer's data path (snapshot publish,
+offset commit, dead-letter send), so train/ imports this module, and train/ never imports dev/.
 """
 
 import functools
@@ -11,7 +14,6 @@ import os
 import signal
 from collections.abc import Sequence
 
-POINTS = ("snapshot.before_publish", "snapshot.after_publish", "commit.before", "dlq.after_send")
 _reached: dict[str, int] = {}
 
 

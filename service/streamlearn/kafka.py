@@ -17,8 +17,6 @@ from streamlearn.errors import BrokerUnavailable, KafkaOperationError
 log = logging.getLogger(__name__)
 kafka_log = logging.getLogger("streamlearn.librdkafka")
 
-Rebalance = Callable[[Consumer, list[TopicPartition]], None]
-
 
 def client_config(bootstrap: str, overrides: Mapping[str, str], **defaults: Any) -> dict[str, Any]:
     """librdkafka configuration: our defaults, then the user's STREAMLEARN_KAFKA_* overrides."""

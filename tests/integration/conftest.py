@@ -15,8 +15,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from streamlearn import kafka
-from streamlearn.broker import EmbeddedBroker, free_port
 from streamlearn.config import TrainSettings
+from streamlearn.dev.broker import EmbeddedBroker, free_port
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.train.pipeline import Pipeline
 

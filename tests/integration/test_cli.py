@@ -7,7 +7,7 @@ import sys
 
 import httpx
 
-from streamlearn.broker import free_port
+from streamlearn.dev.broker import free_port
 from streamlearn.snapshots import LocalSnapshotStore
 
 from ..conftest import wait_for
@@ -46,7 +46,7 @@ def test_produce_then_train_until_sigterm(bootstrap, make_topic, tmp_path):
     )  # fmt: skip
     store = LocalSnapshotStore(tmp_path)
     wait_for(
-        lambda: (s := store.load_latest("default")) and s.meta["offsets"].get(topic, {}).get("0") == 3000,
+        lambda: (s := store.load_latest("default")) and s.meta.offsets.get(topic, {}).get(0) == 3000,
         60,
         what="all 3000 offsets processed",
     )
@@ -56,7 +56,7 @@ def test_produce_then_train_until_sigterm(bootstrap, make_topic, tmp_path):
     _, err = trainer.communicate(timeout=30)
     assert trainer.returncode == 0, err
     final = store.load_latest("default")
-    assert final.meta["records_trained"] == 3000 - 30  # every 100th record was invalid
+    assert final.meta.records_trained == 3000 - 30  # every 100th record was invalid
     assert committed(bootstrap, f"g-{topic}", topic) == [3000]
 
 
@@ -81,7 +81,7 @@ def test_up_demo_runs_everything_and_the_served_model_improves(tmp_path):
     accuracies = [float(line.split("accuracy ")[1].split()[0]) for line in progress if "accuracy" in line]
     assert accuracies and accuracies[-1] > 0.8, progress[-3:]
     snapshot = LocalSnapshotStore(tmp_path / "snapshots").load_latest("default")
-    assert snapshot is not None and snapshot.meta["records_trained"] > 1000
+    assert snapshot is not None and snapshot.meta.records_trained > 1000
 
     # A second demo in the same directory: a fresh in-memory broker, the model's weights kept.
     ports = {"--broker-port": free_port(), "--port": free_port(), "--metrics-port": free_port()}
@@ -90,4 +90,4 @@ def test_up_demo_runs_everything_and_the_served_model_improves(tmp_path):
     _, err = again.communicate(timeout=60)
     assert again.returncode == 0, err
     second = LocalSnapshotStore(tmp_path / "snapshots").load_latest("default")
-    assert second.meta["records_trained"] > snapshot.meta["records_trained"] + 1000  # it learned again
+    assert second.meta.records_trained > snapshot.meta.records_trained + 1000  # it learned again

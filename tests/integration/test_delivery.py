@@ -17,9 +17,9 @@ import pytest
 import torch
 from confluent_kafka import Producer
 
-from streamlearn.broker import EmbeddedBroker, free_port
+from streamlearn.dev.broker import EmbeddedBroker, free_port
+from streamlearn.dev.streams import records
 from streamlearn.snapshots import LocalSnapshotStore, SnapshotStore
-from streamlearn.streams import records
 from streamlearn.train.dlq import H_REASON, header, source_of
 
 from ..conftest import wait_for
@@ -90,7 +90,7 @@ def offsets_done(store: SnapshotStore, topic: str, ends: dict[int, int]):
     snapshot = store.load_latest("default")
     if snapshot is None:
         return None
-    done = {int(p): o for p, o in snapshot.meta["offsets"].get(topic, {}).items()}
+    done = {int(p): o for p, o in snapshot.meta.offsets.get(topic, {}).items()}
     return snapshot if all(done.get(p) == end for p, end in ends.items()) else None
 
 
@@ -105,7 +105,7 @@ def caught_up(port: int) -> bool:
 
 def learned(store: SnapshotStore) -> int:
     snapshot = store.load_latest("default")
-    return snapshot.meta["records_trained"] if snapshot else 0
+    return snapshot.meta.records_trained if snapshot else 0
 
 
 def test_poison_inputs_land_in_the_dlq_with_their_reason(bootstrap, make_topic, start_trainer, tmp_path):
@@ -121,7 +121,7 @@ def test_poison_inputs_land_in_the_dlq_with_their_reason(bootstrap, make_topic, 
     snapshot = wait_for(
         lambda: offsets_done(store, topic, {0: len(values)}), 60, what="all offsets processed"
     )
-    assert snapshot.meta["records_trained"] == 40
+    assert snapshot.meta.records_trained == 40
     assert trainer.thread.is_alive()
 
     letters = read_topic(bootstrap, f"{topic}.dlq")
@@ -191,7 +191,7 @@ def test_kill_9_loses_nothing_and_learns_nothing_twice(bootstrap, make_topic, st
     final.send_signal(signal.SIGTERM)
     assert final.wait(60) == 0, final.stderr.read()
 
-    assert snapshot.meta["records_trained"] == n - len(invalid)
+    assert snapshot.meta.records_trained == n - len(invalid)
     letters = read_topic(bootstrap, f"{topic}.dlq")
     sources = [source_of(letter) for letter in letters]
     assert len(sources) == len(set(sources)), "a record was dead-lettered twice"
@@ -206,7 +206,7 @@ def test_kill_9_loses_nothing_and_learns_nothing_twice(bootstrap, make_topic, st
     reference_store = LocalSnapshotStore(tmp_path / "reference")
     expected = wait_for(lambda: offsets_done(reference_store, topic, {0: n}), 120, what="the reference run")
     reference.stop()
-    assert expected.meta["records_trained"] == snapshot.meta["records_trained"]
+    assert expected.meta.records_trained == snapshot.meta.records_trained
     final_weights = store.load_latest("default").tensors
     for name, tensor in expected.tensors.items():
         if name.startswith(("model.", "optim.")):
@@ -237,8 +237,8 @@ def test_a_trainer_joining_and_leaving_shares_the_work_without_overlap(
     )
     first.stop()
 
-    learned_a = LocalSnapshotStore(tmp_path / "a").load_latest("default").meta["records_trained"]
-    learned_b = LocalSnapshotStore(tmp_path / "b").load_latest("default").meta["records_trained"]
+    learned_a = LocalSnapshotStore(tmp_path / "a").load_latest("default").meta.records_trained
+    learned_b = LocalSnapshotStore(tmp_path / "b").load_latest("default").meta.records_trained
     assert learned_b >= 50 and learned_a > 0
     assert learned_a + learned_b == expected_valid
     sources = [source_of(m) for m in read_topic(bootstrap, f"{topic}.dlq")]
@@ -272,7 +272,7 @@ def test_the_trainer_survives_a_broker_outage_and_finishes(make_topic, start_tra
         snapshot = wait_for(
             lambda: offsets_done(store, topic, {0: 1200}), 120, what="the second half learned"
         )
-        assert snapshot.meta["records_trained"] == 1200 - len(invalid)
+        assert snapshot.meta.records_trained == 1200 - len(invalid)
         assert trainer.thread.is_alive()
         trainer.stop()
         sources = [source_of(m) for m in read_topic(bootstrap, f"{topic}.dlq")]
@@ -302,7 +302,7 @@ def test_an_unwritable_snapshot_dir_stops_commits_until_it_recovers(
     model_dir.unlink()
     (tmp_path / "moved-away").rename(model_dir)
     wait_for(lambda: committed(bootstrap, f"group-{topic}", topic) == [400], 30, what="commits resuming")
-    assert store.load_latest("default").meta["records_trained"] == 400
+    assert store.load_latest("default").meta.records_trained == 400
 
 
 def test_a_corrupt_newest_snapshot_is_skipped_and_nothing_is_lost(bootstrap, make_topic, tmp_path):
@@ -327,7 +327,7 @@ def test_a_corrupt_newest_snapshot_is_skipped_and_nothing_is_lost(bootstrap, mak
     _, errors = final.communicate(timeout=60)
     assert final.returncode == 0
     assert "checksum mismatch" in errors  # it said which snapshot it skipped
-    assert snapshot.meta["records_trained"] == 1000 - len(invalid)
+    assert snapshot.meta.records_trained == 1000 - len(invalid)
 
 
 @pytest.fixture(autouse=True)
@@ -358,7 +358,7 @@ def test_dlq_inspect_and_replay_as_users_run_them(bootstrap, make_topic, start_t
             *args,
             "--bootstrap",
             bootstrap,
-            "--topic",
+            "--dlq-topic",
             f"{topic}.dlq",
         ]
         return subprocess.run(command, capture_output=True, text=True, timeout=60)

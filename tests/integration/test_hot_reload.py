@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from streamlearn.broker import free_port
+from streamlearn.dev.broker import free_port
 from streamlearn.models import ModelSpec
 from streamlearn.records import FeatureSpec, LabelSpec
 from streamlearn.snapshots import LocalSnapshotStore

@@ -8,7 +8,7 @@ import sys
 
 import httpx
 
-from streamlearn.broker import free_port
+from streamlearn.dev.broker import free_port
 from streamlearn.snapshots import open_store
 
 from ..conftest import wait_for
@@ -55,7 +55,7 @@ def test_trainer_and_server_share_snapshots_through_s3_exactly_once(bootstrap, m
     final.send_signal(signal.SIGTERM)
     assert final.wait(60) == 0, final.stderr.read()
 
-    assert snapshot.meta["records_trained"] == n - len(invalid)
+    assert snapshot.meta.records_trained == n - len(invalid)
     assert committed(bootstrap, f"g-{topic}", topic) == [n]
     sources = [source_of(letter) for letter in read_topic(bootstrap, f"{topic}.dlq")]
     assert sorted(offset for _, _, offset in sources) == sorted(invalid)

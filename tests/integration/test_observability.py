@@ -15,8 +15,8 @@ import orjson
 import pytest
 import yaml
 
-from streamlearn.broker import free_port
-from streamlearn.streams import INVALID_VALUES, records
+from streamlearn.dev.broker import free_port
+from streamlearn.dev.streams import INVALID_VALUES, records
 
 from ..conftest import wait_for
 from .conftest import publish

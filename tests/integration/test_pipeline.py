@@ -7,10 +7,10 @@ import orjson
 from fastapi.testclient import TestClient
 
 from streamlearn.config import ServeSettings
+from streamlearn.dev.streams import records
 from streamlearn.errors import InvalidReason
-from streamlearn.server import create_app
+from streamlearn.serve.app import create_app
 from streamlearn.snapshots import LocalSnapshotStore, SnapshotStore
-from streamlearn.streams import records
 
 from ..conftest import wait_for
 from .conftest import committed, publish
@@ -32,9 +32,7 @@ def test_a_concept_streamed_through_kafka_is_learned_and_served(
     publish(bootstrap, topic, [orjson.dumps(r) for r in train])
     trainer = start_trainer(topic, task="binary", arch="mlp")
     store = LocalSnapshotStore(tmp_path / "snapshots")
-    wait_for(
-        lambda: (s := latest(store)) and s.meta["records_trained"] == 8000, 60, what="all records learned"
-    )
+    wait_for(lambda: (s := latest(store)) and s.meta.records_trained == 8000, 60, what="all records learned")
 
     held_out = sea_values(1000, seed=2)
     with TestClient(create_app(ServeSettings(snapshot_dir=store.root))) as client:
@@ -71,11 +69,11 @@ def test_invalid_records_are_counted_by_reason_and_never_learned(
     trainer = start_trainer(topic, task="binary", n_features=3)
     store = LocalSnapshotStore(tmp_path / "snapshots")
     snapshot = wait_for(
-        lambda: (s := latest(store)) and s.meta["offsets"].get(topic, {}).get("0") == len(values) and s,
+        lambda: (s := latest(store)) and s.meta.offsets.get(topic, {}).get(0) == len(values) and s,
         60,
         what="every offset processed",
     )
-    assert snapshot.meta["records_trained"] == 300
+    assert snapshot.meta.records_trained == 300
     for reason in invalid:
         assert trainer.metric("streamlearn_records_invalid_total", {"reason": reason.value}) == 1, reason
     assert trainer.metric("streamlearn_records_consumed_total") == len(values)
@@ -95,11 +93,11 @@ def test_offsets_are_committed_once_the_snapshot_holding_them_is_written(
     trainer = start_trainer(topic, task="binary")
     store = LocalSnapshotStore(tmp_path / "snapshots")
     snapshot = wait_for(
-        lambda: (s := latest(store)) and s.meta["records_trained"] == 600 and s,
+        lambda: (s := latest(store)) and s.meta.records_trained == 600 and s,
         60,
         what="600 records learned",
     )
-    assert snapshot.meta["offsets"][topic] == {"0": 100, "1": 200, "2": 300}
+    assert snapshot.meta.offsets[topic] == {0: 100, 1: 200, 2: 300}
     wait_for(lambda: committed(bootstrap, f"group-{topic}", topic, 3) == [100, 200, 300], 30, what="commits")
     wait_for(
         lambda: (
@@ -119,16 +117,16 @@ def test_a_restarted_trainer_resumes_where_its_snapshot_ends(bootstrap, make_top
     publish(bootstrap, topic, [orjson.dumps(r) for r in sea_values(500, seed=4)])
     first = start_trainer(topic, task="binary")
     store = LocalSnapshotStore(tmp_path / "snapshots")
-    wait_for(lambda: (s := latest(store)) and s.meta["records_trained"] == 500, 60, what="first 500")
+    wait_for(lambda: (s := latest(store)) and s.meta.records_trained == 500, 60, what="first 500")
     first.stop()
     version = latest(store).version
     publish(bootstrap, topic, [orjson.dumps(r) for r in sea_values(700, seed=5)])
     second = start_trainer(topic, task="binary")
-    wait_for(lambda: (s := latest(store)) and s.meta["records_trained"] >= 1200, 60, what="1200 records")
+    wait_for(lambda: (s := latest(store)) and s.meta.records_trained >= 1200, 60, what="1200 records")
     second.stop()
     final = latest(store)
-    assert final.meta["records_trained"] == 1200 and final.version > version
-    assert final.meta["training"]["prequential"]["records"] == 1200
+    assert final.meta.records_trained == 1200 and final.version > version
+    assert final.meta.training["prequential"]["records"] == 1200
     assert committed(bootstrap, f"group-{topic}", topic) == [1200]
 
 
@@ -155,7 +153,7 @@ def test_a_trainer_resumed_with_nothing_left_to_fetch_reports_zero_lag(
     publish(bootstrap, topic, [orjson.dumps(r) for r in sea_values(200, seed=5)])
     first = start_trainer(topic, task="binary")
     store = LocalSnapshotStore(tmp_path / "snapshots")
-    wait_for(lambda: (s := latest(store)) and s.meta["records_trained"] == 200, 60, what="all learned")
+    wait_for(lambda: (s := latest(store)) and s.meta.records_trained == 200, 60, what="all learned")
     first.stop()
 
     # librdkafka has no position for a partition until it fetches a message; this one has none

@@ -7,8 +7,8 @@ import orjson
 from confluent_kafka import Producer
 
 from streamlearn import faults
+from streamlearn.dev.streams import records
 from streamlearn.snapshots import LocalSnapshotStore
-from streamlearn.streams import records
 from streamlearn.train.dlq import (
     H_MESSAGE,
     H_OMITTED,
@@ -59,7 +59,7 @@ def test_poison_records_are_dead_lettered_and_learning_goes_on(
         faults._marker.cache_clear()
 
     assert trainer.thread.is_alive() and trainer.error is None
-    assert snapshot.meta["records_trained"] == len(valid)
+    assert snapshot.meta.records_trained == len(valid)
     letters = read_topic(bootstrap, f"{topic}.dlq")
     assert [source_of(letter) for letter in letters] == [(topic, 0, 30 + i) for i in range(len(POISON))]
     for letter, (name, (value, reason)) in zip(letters, POISON.items(), strict=True):

@@ -8,7 +8,8 @@ so a trainer and servers on different hosts can share snapshots.
 from pathlib import Path
 
 from streamlearn.snapshots.local import LocalSnapshotStore
-from streamlearn.snapshots.store import FORMAT, META, WEIGHTS, Snapshot, SnapshotStore
+from streamlearn.snapshots.meta import FORMAT, WEIGHTS, DeadLetterMarks, SnapshotContent, SnapshotMeta
+from streamlearn.snapshots.store import META, Snapshot, SnapshotStore
 from streamlearn.snapshots.writer import BackgroundWriter
 
 __all__ = [
@@ -16,8 +17,11 @@ __all__ = [
     "META",
     "WEIGHTS",
     "BackgroundWriter",
+    "DeadLetterMarks",
     "LocalSnapshotStore",
     "Snapshot",
+    "SnapshotContent",
+    "SnapshotMeta",
     "SnapshotStore",
     "open_store",
 ]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from streamlearn.errors import SnapshotError
 from streamlearn.faults import crash_point
-from streamlearn.snapshots.store import WEIGHTS, SnapshotStore, version_name
+from streamlearn.snapshots.meta import WEIGHTS
+from streamlearn.snapshots.store import SnapshotStore, version_name
 
 STALE_TMP_S = 60  # a temporary directory this old belongs to a crashed writer
 

@@ -12,20 +12,18 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
-import orjson
+from pydantic import ValidationError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from streamlearn.errors import SnapshotError
+from streamlearn.snapshots.meta import SnapshotContent, SnapshotMeta
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "weights.safetensors"
 META = "meta.json"
-FORMAT = "streamlearn-snapshot/1"
 VERSION_DIGITS = 12  # versions are zero-padded, so names sort as numbers do
 CLAIM_ATTEMPTS = 10  # writers racing for a version back off at random, 10 ms to 5 s
 
@@ -36,20 +34,12 @@ class Snapshot:
 
     model_name: str
     version: int
-    meta: dict[str, Any]
+    meta: SnapshotMeta
     tensors: dict[str, Tensor]
 
 
 def version_name(version: int) -> str:
     return f"{version:0{VERSION_DIGITS}d}"
-
-
-def _weights_file(meta: Any) -> str:
-    """The weights' file name from meta.json: a plain name in the same version, nothing else."""
-    name = meta.get("weights_file", WEIGHTS) if isinstance(meta, dict) else None
-    if not isinstance(name, str) or not name.endswith(".safetensors") or "/" in name or "\\" in name:
-        raise ValueError(f"meta.json names no valid weights file ({name!r})")
-    return name
 
 
 class SnapshotStore(ABC):
@@ -99,45 +89,49 @@ class SnapshotStore(ABC):
         versions = self.versions(model_name)
         return versions[-1] if versions else None
 
-    def save(self, model_name: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Snapshot:
+    def save(self, model_name: str, tensors: dict[str, Tensor], content: SnapshotContent) -> Snapshot:
         """Write the next version of a model whole, then prune the old ones."""
         weights = save_safetensors(tensors)
         weights_name = self._weights_name()
         for attempt in range(CLAIM_ATTEMPTS):
             version = (self.latest_version(model_name) or 0) + 1
             created = time.time()
-            full_meta = {
-                **meta,
-                "format": FORMAT,
-                "model_name": model_name,
-                "version": version,
-                "created_at": datetime.fromtimestamp(created, UTC).isoformat(),
-                "created_at_ms": int(created * 1000),
-                "weights_file": weights_name,
-                "weights_sha256": hashlib.sha256(weights).hexdigest(),
-                "weights_bytes": len(weights),
-            }
-            files = {weights_name: weights, META: orjson.dumps(full_meta, option=orjson.OPT_INDENT_2)}
+            meta = SnapshotMeta(
+                **content.model_dump(),
+                model_name=model_name,
+                version=version,
+                created_at=datetime.fromtimestamp(created, UTC).isoformat(),
+                created_at_ms=int(created * 1000),
+                weights_file=weights_name,
+                weights_sha256=hashlib.sha256(weights).hexdigest(),
+                weights_bytes=len(weights),
+            )
+            files = {weights_name: weights, META: meta.model_dump_json(indent=2).encode()}
             if self._publish(model_name, version, files):
                 self.prune(model_name)
-                return Snapshot(model_name, version, full_meta, tensors)
+                return Snapshot(model_name, version, meta, tensors)
             # Another writer published this version first: back off a random while, take the next.
             time.sleep(random.uniform(0, 0.01 * 2**attempt))
         raise SnapshotError(f"could not claim a new snapshot version for {model_name}")
 
     def load(self, model_name: str, version: int) -> Snapshot:
         """One version, its weights checked against the SHA-256 in its metadata."""
+        where = f"snapshot {model_name} v{version}"
         try:
-            meta = orjson.loads(self._read(model_name, version, META))
-            weights = self._read(model_name, version, _weights_file(meta))
-        except (OSError, orjson.JSONDecodeError, ValueError) as exc:
-            raise SnapshotError(f"snapshot {model_name} v{version} is unreadable: {exc}") from None
-        if hashlib.sha256(weights).hexdigest() != meta.get("weights_sha256"):
-            raise SnapshotError(f"snapshot {model_name} v{version} is corrupt: weights checksum mismatch")
+            meta = SnapshotMeta.model_validate_json(self._read(model_name, version, META))
+            weights = self._read(model_name, version, meta.weights_file)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "meta.json"
+            raise SnapshotError(f"{where} is unreadable: {field}: {first['msg']}") from None
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(f"{where} is unreadable: {exc}") from None
+        if hashlib.sha256(weights).hexdigest() != meta.weights_sha256:
+            raise SnapshotError(f"{where} is corrupt: weights checksum mismatch")
         try:
             tensors = load_safetensors(weights)
         except Exception as exc:  # safetensors raises its own error types for malformed files
-            raise SnapshotError(f"snapshot {model_name} v{version} has malformed weights: {exc}") from None
+            raise SnapshotError(f"{where} has malformed weights: {exc}") from None
         return Snapshot(model_name, version, meta, tensors)
 
     def load_latest(self, model_name: str, newer_than: int = 0) -> Snapshot | None:

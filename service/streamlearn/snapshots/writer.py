@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
+from streamlearn.snapshots.meta import SnapshotContent
 from streamlearn.snapshots.store import Snapshot, SnapshotStore
 
 
@@ -20,14 +21,14 @@ class BackgroundWriter:
         self,
         model_name: str,
         tensors: dict[str, Tensor],
-        meta: dict[str, Any],
+        content: SnapshotContent,
         prepare: Callable[[], dict[str, Any]] | None = None,
     ) -> "Future[Snapshot]":
         """Save on the writer thread; `prepare` runs there first and adds to the metadata (or raises)."""
 
         def save() -> Snapshot:
             extra = prepare() if prepare is not None else {}
-            return self.store.save(model_name, tensors, {**meta, **extra})
+            return self.store.save(model_name, tensors, content.model_copy(update=extra))
 
         return self._pool.submit(save)
 

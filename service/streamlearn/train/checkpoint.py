@@ -24,7 +24,7 @@ from torch import Tensor
 from streamlearn.errors import SnapshotError
 from streamlearn.faults import crash_point
 from streamlearn.metrics import TrainerMetrics
-from streamlearn.snapshots import BackgroundWriter, Snapshot, SnapshotStore
+from streamlearn.snapshots import BackgroundWriter, DeadLetterMarks, Snapshot, SnapshotContent, SnapshotStore
 from streamlearn.train.dlq import DeadLetterQueue
 from streamlearn.train.partitions import Key, Offsets, Partitions
 from streamlearn.train.trainer import Trainer
@@ -32,7 +32,7 @@ from streamlearn.train.trainer import Trainer
 log = logging.getLogger(__name__)
 
 NORMALIZER_IN_META = 1024  # features up to which the normalizer is also written into meta.json
-Content = Callable[[Offsets], tuple[dict[str, Tensor], dict[str, Any]]]  # offsets -> (tensors, meta)
+Content = Callable[[Offsets], tuple[dict[str, Tensor], SnapshotContent]]  # offsets -> what to save
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Checkpointer:
         metrics.snapshot_age.set_function(lambda: time.time() - self.last_written)
 
     def restored(self, snapshot: Snapshot) -> None:
-        self.last_written = snapshot.meta["created_at_ms"] / 1000
+        self.last_written = snapshot.meta.created_at_ms / 1000
         self.metrics.snapshot_version.set(snapshot.version)
 
     def commit(
@@ -152,7 +152,7 @@ class Checkpointer:
         marks = self.dlq.wait_delivered(barrier, self.timeout_s)
         if marks is None:
             raise SnapshotError("dead letters were not delivered in time; offsets not advanced")
-        return {"dlq": {"topic": self.dlq.topic, "marks": {str(p): o for p, o in sorted(marks.items())}}}
+        return {"dlq": DeadLetterMarks(topic=self.dlq.topic, marks=dict(sorted(marks.items())))}
 
     def _finish(
         self,
@@ -180,7 +180,7 @@ class Checkpointer:
         self.pending = None
         self.metrics.snapshot_write.observe(time.monotonic() - pending.started)
         self.metrics.snapshot_version.set(snapshot.version)
-        self.last_written = snapshot.meta["created_at_ms"] / 1000
+        self.last_written = snapshot.meta.created_at_ms / 1000
         crash_point("commit.before")
         offsets = {k: o for k, o in pending.offsets.items() if k in self.partitions.to_commit(revoking)}
         self._commit_offsets(consumer, offsets, asynchronous=not wait)
@@ -211,28 +211,25 @@ class Checkpointer:
 
 def snapshot_content(
     trainer: Trainer | None, records_learned: int, offsets: Offsets, config: dict[str, Any]
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The tensors and metadata of a snapshot: model, optimizer, normalizer, offsets, config."""
-    by_topic: dict[str, dict[str, int]] = {}
+) -> tuple[dict[str, Tensor], SnapshotContent]:
+    """The tensors and content of a snapshot: model, optimizer, normalizer, offsets, config."""
+    by_topic: dict[str, dict[int, int]] = {}
     for (topic, partition), offset in sorted(offsets.items()):
-        by_topic.setdefault(topic, {})[str(partition)] = offset
-    meta: dict[str, Any] = {"records_trained": records_learned, "offsets": by_topic, "config": config}
+        by_topic.setdefault(topic, {})[partition] = offset
     if trainer is None:  # nothing valid seen yet: the snapshot only records offsets
-        return {}, {**meta, "model": None, "training": None}
+        return {}, SnapshotContent(records_trained=records_learned, offsets=by_topic, config=config)
     tensors, training = trainer.state()
     if not all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point()):
         raise SnapshotError("the model has non-finite weights: no snapshot written")
-    spec = trainer.model.spec
-    meta.update(
-        model=spec.to_dict(),
-        task=spec.labels.task,
-        classes=spec.labels.class_names if spec.labels.task != "regression" else [],
-        features=spec.features.to_dict(),
-        architecture={"arch": spec.arch, **spec.args},
+    content = SnapshotContent(
+        records_trained=records_learned,
+        offsets=by_topic,
+        config=config,
+        model=trainer.model.spec.to_dict(),
         normalizer=_normalizer_summary(trainer),
         training=training,
     )
-    return tensors, meta
+    return tensors, content
 
 
 def _normalizer_summary(trainer: Trainer) -> dict[str, Any]:

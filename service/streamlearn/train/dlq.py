@@ -145,7 +145,6 @@ class DeadLetterQueue:
         self._marks: dict[int, int] = dict(
             marks or {}
         )  # DLQ partition -> offset after the last folded letter
-        self.failures = 0
         self._closed = threading.Event()
         self._poller = threading.Thread(target=self._serve_deliveries, name="dlq-deliveries", daemon=True)
         self._poller.start()
@@ -180,7 +179,6 @@ class DeadLetterQueue:
     def _delivered(self, seq: int, letter: Letter, error: KafkaError | None, message: Message) -> None:
         with self._lock:
             if error is not None:
-                self.failures += 1
                 if letter.whole and error.code() in TOO_LARGE:  # the broker or topic refuses its size
                     letter = letter.without_value()
                     log.warning("dead letter too large for %s, resending without its value", self.topic)

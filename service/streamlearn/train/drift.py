@@ -40,15 +40,6 @@ class Adwin:
             self._merge_oldest()
         return self._cut()
 
-    @property
-    def width(self) -> float:
-        return sum(n for n, _, _ in self.summaries)
-
-    @property
-    def mean(self) -> float:
-        n = self.width
-        return sum(s for _, s, _ in self.summaries) / n if n else 0.0
-
     def _merge_oldest(self) -> None:
         # Merge the two adjacent summaries whose combined size is smallest (older ones grow first).
         sizes = [self.summaries[i][0] + self.summaries[i + 1][0] for i in range(len(self.summaries) - 1)]

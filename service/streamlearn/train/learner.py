@@ -14,7 +14,7 @@ from streamlearn.config import TrainSettings
 from streamlearn.errors import SnapshotMismatch
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
-from streamlearn.snapshots import Snapshot
+from streamlearn.snapshots import Snapshot, SnapshotContent
 from streamlearn.train.checkpoint import snapshot_content
 from streamlearn.train.drift import DriftMonitor
 from streamlearn.train.partitions import Offsets
@@ -41,10 +41,11 @@ class Learner:
 
     def restore(self, snapshot: Snapshot, features: FeatureSpec | None) -> FeatureSpec | None:
         """Continue from a snapshot; the feature vector it fixes (None before its first record)."""
-        self.records_learned = int(snapshot.meta["records_trained"])
-        if snapshot.meta["model"] is None:  # written before the first valid record
+        meta = snapshot.meta
+        self.records_learned = meta.records_trained
+        if meta.model is None:  # written before the first valid record
             return None
-        spec = ModelSpec.from_dict(snapshot.meta["model"])
+        spec = ModelSpec.from_dict(meta.model)
         s = self.settings
         wanted = ModelSpec.create(self.labels, features or FeatureSpec(0), s.arch, s, s.seed)
         mismatch = wanted.mismatch(spec)
@@ -55,7 +56,8 @@ class Learner:
             )
         self._build(spec)
         assert self.trainer is not None
-        self.trainer.restore(snapshot.tensors, snapshot.meta["training"])
+        assert meta.training is not None  # written with every model
+        self.trainer.restore(snapshot.tensors, meta.training)
         return spec.features
 
     def learn(self, batch: DecodedBatch, features: FeatureSpec) -> None:
@@ -77,13 +79,13 @@ class Learner:
         self.telemetry.scores(self.trainer)
         self._watch_drift(batch, result.errors)
 
-    def content(self, offsets: Offsets) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def content(self, offsets: Offsets) -> tuple[dict[str, torch.Tensor], SnapshotContent]:
         """What a checkpoint holds: the model's state, the offsets learned to, drift, the settings."""
         config = self.settings.model_dump(mode="json", exclude={"kafka"})  # never the credentials
-        tensors, meta = snapshot_content(self.trainer, self.records_learned, offsets, config)
+        tensors, content = snapshot_content(self.trainer, self.records_learned, offsets, config)
         if self.drift is not None:
-            meta["drift"] = {**self.drift.to_dict(), "events": self.events}
-        return tensors, meta
+            content = content.model_copy(update={"drift": {**self.drift.to_dict(), "events": self.events}})
+        return tensors, content
 
     def _build(self, spec: ModelSpec) -> None:
         s = self.settings

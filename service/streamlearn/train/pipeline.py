@@ -80,13 +80,13 @@ class Pipeline:
         if s.resume_from == "group":  # keep the weights; positions come from Kafka
             return snapshot
         self.partitions.learned = {
-            (topic, int(partition)): int(offset)
-            for topic, partitions in snapshot.meta["offsets"].items()
+            (topic, partition): offset
+            for topic, partitions in snapshot.meta.offsets.items()
             for partition, offset in partitions.items()
         }
-        dlq = snapshot.meta.get("dlq") or {}
-        if dlq.get("topic") == s.dead_letter_topic:
-            self.dlq_marks = {int(p): int(o) for p, o in dlq.get("marks", {}).items()}
+        dlq = snapshot.meta.dlq
+        if dlq is not None and dlq.topic == s.dead_letter_topic:
+            self.dlq_marks = dict(dlq.marks)
         return snapshot
 
     def _connect(self) -> Consumer:

@@ -10,15 +10,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from streamlearn.errors import BadRequest, InvalidRecord, ModelNotFound, ModelNotReady, SnapshotError
+from streamlearn.errors import ModelNotFound, ModelNotReady, SnapshotError
 from streamlearn.metrics import ServerMetrics
-from streamlearn.models import ModelSpec, OnlineModel, Prediction, build_model
-from streamlearn.snapshots import Snapshot, SnapshotStore
+from streamlearn.models import ModelSpec, OnlineModel, build_model
+from streamlearn.snapshots import Snapshot, SnapshotMeta, SnapshotStore
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("streamlearn.serve")
 
 
 @dataclass(frozen=True)
@@ -28,13 +27,13 @@ class ServedModel:
     name: str
     version: int
     model: OnlineModel
-    meta: dict[str, Any]
+    meta: SnapshotMeta
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot) -> "ServedModel":
-        if snapshot.meta.get("model") is None:
+        if snapshot.meta.model is None:
             raise SnapshotError(f"snapshot {snapshot.model_name} v{snapshot.version} holds no model yet")
-        model = build_model(ModelSpec.from_dict(snapshot.meta["model"]))
+        model = build_model(ModelSpec.from_dict(snapshot.meta.model))
         model.load_state({k[6:]: v for k, v in snapshot.tensors.items() if k.startswith("model.")})
         if not all(torch.isfinite(t).all() for t in model.state_dict().values()):
             raise SnapshotError(f"snapshot {snapshot.model_name} v{snapshot.version} has non-finite weights")
@@ -46,61 +45,15 @@ class ServedModel:
             "name": self.name,
             "ready": True,
             "version": self.version,
-            "records_trained": self.meta["records_trained"],
-            "created_at": self.meta["created_at"],
+            "records_trained": self.meta.records_trained,
+            "created_at": self.meta.created_at,
             "task": spec.labels.task,
             "classes": spec.labels.class_names if spec.labels.task != "regression" else [],
             "n_features": spec.features.n_features,
             "feature_names": list(spec.features.names),
             "arch": spec.arch,
-            "drift": self.meta.get("drift"),
+            "drift": self.meta.drift,
         }
-
-    def predict(self, instances: list[Any]) -> dict[str, Any]:
-        """KServe V1 predictions for a list of feature lists or feature dicts; never NaN or infinite."""
-        prediction = self._predict_finite(self._features(instances))
-        response: dict[str, Any] = {"model_name": self.name, "model_version": self.version}
-        labels = self.model.spec.labels
-        if prediction.probabilities is None:
-            response["predictions"] = prediction.values.tolist()
-        else:
-            indices = prediction.values.tolist()
-            response["predictions"] = [labels.classes[i] for i in indices] if labels.classes else indices
-            response["probabilities"] = prediction.probabilities.tolist()
-        return response
-
-    def _features(self, instances: list[Any]) -> torch.Tensor:
-        features = self.model.spec.features
-        rows = []
-        for index, instance in enumerate(instances):
-            try:
-                rows.append(features.row(instance))
-            except InvalidRecord as exc:
-                raise BadRequest(f"instance {index}: {exc.detail}") from None
-        with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
-            x = torch.from_numpy(np.asarray(rows, dtype=np.float32))
-        _refuse_non_finite(x, "a feature does not fit float32 (|x| > 3.4e38)")
-        return x
-
-    def _predict_finite(self, x: torch.Tensor) -> Prediction:
-        """The model's prediction, refusing an instance wherever a stage overflows float32."""
-        with torch.inference_mode():
-            standardized = self.model.normalizer(x)
-            _refuse_non_finite(
-                standardized, "a standardized feature overflows float32: far beyond the data learned"
-            )
-            prediction = self.model.head.predict(self.model.scores(standardized))
-        # Finite scores give finite probabilities that sum to 1 (sigmoid, or softmax less its max).
-        _refuse_non_finite(prediction.scores, "the model's output is not finite for these features")
-        return prediction
-
-
-def _refuse_non_finite(values: torch.Tensor, reason: str) -> None:
-    """BadRequest naming the first instance (row) with a NaN or an infinity, if any."""
-    finite = torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
-    if not finite.all():
-        index = int((~finite).nonzero()[0])
-        raise BadRequest(f"instance {index}: {reason}")
 
 
 class ModelRegistry:
@@ -155,15 +108,15 @@ class ModelRegistry:
                 self.metrics.reload_failures.labels(name).inc()
                 log.warning("not serving: %s", exc)
                 continue
-            log.info("serving %s v%d (%d records learned)", name, version, served.meta["records_trained"])
+            log.info("serving %s v%d (%d records learned)", name, version, served.meta.records_trained)
             return served
         self._failed[name] = versions[-1]  # nothing newer loads: do not retry until a newer one appears
         return None
 
     def _export(self, served: ServedModel) -> None:
         name = served.name
-        created = served.meta["created_at_ms"] / 1000
+        created = served.meta.created_at_ms / 1000
         self.metrics.reloads.labels(name).inc()
         self.metrics.served_version.labels(name).set(served.version)
-        self.metrics.served_records.labels(name).set(served.meta["records_trained"])
+        self.metrics.served_records.labels(name).set(served.meta.records_trained)
         self.metrics.served_age.labels(name).set_function(lambda: time.time() - created)

@@ -1,34 +1,28 @@
-"""Defences against hostile HTTP clients: bounded connections, header and body deadlines, quiet logs.
+"""Defences against hostile HTTP clients at the connection: a bound on open ones, header and body deadlines.
 
 uvicorn has no header or body read timeout, and its own concurrency limit counts a connection
 only once its headers are complete, so slow clients can hold every file descriptor. The guard
 wraps uvicorn's h11 protocol per connection: beyond `max_connections` a new connection gets a
 canned 503 and is closed at once; a header block (ending in a blank line) must arrive within
 `header_timeout_s` or the client gets a 408; a body must arrive within `body_timeout_s` of its
-headers. The app answers a late body with a 408 itself (BodyLimits); the guard closes the
-connection a moment later in case the app is not reading. Logs are rate-limited per template.
+headers. The app answers a late body with a 408 itself (middleware.BodyLimits); the guard
+closes the connection a moment later in case the app is not reading.
 """
 
 import asyncio
 import json
 import logging
 import resource
-import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from prometheus_client import Counter
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from streamlearn.metrics import ServerMetrics
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("streamlearn.serve")
 
-NOISY_LOGGERS = ("uvicorn.error", "asyncio", "streamlearn.server", "streamlearn.connections")
 FD_RESERVE = 128  # descriptors kept for all but client sockets (snapshot files, S3, logs)
 MAX_ACCEPT_BATCH = 2048  # uvicorn's default backlog: asyncio accepts up to that many at once
 LISTEN_QUEUE = 2048  # connections the kernel holds until accepted: no descriptors used yet
@@ -37,40 +31,6 @@ LINGER_S = 1.0  # how long a refused connection may still send before it is clos
 MAX_LINGERING = 64  # beyond this many lingering connections, close at once
 MAX_HEAD_BYTES = 64 * 1024  # h11 refuses header blocks over 16 KiB itself; stop tracking beyond
 OVERLOADED = "too many open connections; retry shortly"
-
-
-class RateLimitFilter(logging.Filter):
-    """Lets each message template through at most once per `interval_s`, saying how many it held back."""
-
-    def __init__(self, interval_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__()
-        self.interval_s = interval_s
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._seen: dict[tuple[str, str], tuple[float, int]] = {}  # template -> (shown at, held back)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, str(record.msg).split("\n", 1)[0][:200])
-        now = self.clock()
-        with self._lock:
-            shown_at, held = self._seen.get(key, (float("-inf"), 0))
-            if now - shown_at < self.interval_s:
-                self._seen[key] = (shown_at, held + 1)
-                return False
-            if len(self._seen) > 1000:  # templates are bounded in practice; never grow without end
-                self._seen.clear()
-            self._seen[key] = (now, 0)
-        if held:
-            record.msg = f"{record.msg} [{held} more like this in the last {now - shown_at:.0f}s not logged]"
-        return True
-
-
-def rate_limit_logs(interval_s: float = 5.0) -> RateLimitFilter:
-    """Install one RateLimitFilter on the loggers that speak once per request or connection."""
-    limiter = RateLimitFilter(interval_s)
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).addFilter(limiter)
-    return limiter
 
 
 @dataclass(frozen=True)
@@ -305,68 +265,3 @@ class GuardedConnection(asyncio.Protocol):
         self.lingering = True
         self.guard.lingering += 1
         self._timer = self.loop.call_later(LINGER_S, self.transport.close)
-
-
-class BodyLimits:
-    """Answers 413 to a body over `max_bytes` and 408 to one incomplete `timeout_s` after its headers."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, timeouts: Counter) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
-        self.timeouts = timeouts
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._answer(
-                scope, receive, send, 413, f"request body is larger than {self.max_bytes} bytes"
-            )
-            return
-        deadline = asyncio.get_running_loop().time() + self.timeout_s
-        seen, complete = 0, False
-
-        async def limited_receive() -> Message:
-            nonlocal seen, complete
-            if complete:  # later calls wait for a disconnect: no deadline then
-                return await receive()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise _TooSlow from None
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge
-            complete = message["type"] != "http.request" or not message.get("more_body", False)
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._answer(
-                scope, receive, send, 413, f"request body is larger than {self.max_bytes} bytes"
-            )
-        except _TooSlow:
-            self.timeouts.labels("body").inc()
-            log.warning("answered 408: a request body took over %gs", self.timeout_s)
-            await self._answer(
-                scope, receive, send, 408, f"request body not received within {self.timeout_s:g}s"
-            )
-
-    @staticmethod
-    async def _answer(scope: Scope, receive: Receive, send: Send, status: int, error: str) -> None:
-        # The rest of the body is never read, so the connection cannot carry another request.
-        response = JSONResponse({"error": error}, status_code=status, headers={"connection": "close"})
-        await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class _TooSlow(Exception):
-    pass

@@ -8,23 +8,24 @@ from typing import Any
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
-Samples = dict[str, float]
+Samples = list[Sample]
 
 
 def scrape(url: str) -> Samples | None:
-    """Samples of a /metrics page as {'name{labels}': value}; None when it does not answer."""
+    """The samples of a /metrics page, labels parsed; None when it does not answer."""
     try:
         with urllib.request.urlopen(url, timeout=1.0) as response:
             text = response.read().decode()
     except OSError:
         return None
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
-    return samples
+    return parse(text)
+
+
+def parse(text: str) -> Samples:
+    """The samples of a Prometheus text page, with their labels as dicts."""
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
 
 
 def get_json(url: str) -> dict[str, Any] | None:
@@ -36,23 +37,29 @@ def get_json(url: str) -> dict[str, Any] | None:
         return None
 
 
-def matching(samples: Samples, name: str) -> dict[str, float]:
-    """{labels: value} of every sample of one metric name."""
-    return {
-        key[len(name) :]: value for key, value in samples.items() if key == name or key.startswith(name + "{")
-    }
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    """The value of the sample with this name and exactly these labels, if there is one."""
+    return next((s.value for s in samples if s.name == name and s.labels == labels), None)
+
+
+def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
+    """{value of `label`: value} over the samples of one name, summed over their other labels."""
+    values: dict[str, float] = {}
+    for sample in samples:
+        if sample.name == name and label in sample.labels:
+            key = sample.labels[label]
+            values[key] = values.get(key, 0.0) + sample.value
+    return values
 
 
 def total(samples: Samples, name: str) -> float:
-    return sum(matching(samples, name).values())
+    return sum(sample.value for sample in samples if sample.name == name)
 
 
 def quantile(samples: Samples, name: str, q: float) -> float | None:
     """A quantile of a histogram since start, interpolated within its buckets (as histogram_quantile)."""
-    buckets: dict[float, float] = {}
-    for labels, value in matching(samples, name + "_bucket").items():
-        edge = float(labels.split('le="')[1].split('"')[0])  # float("+Inf") is inf
-        buckets[edge] = buckets.get(edge, 0.0) + value
+    edges = by_label(samples, name + "_bucket", "le")
+    buckets = {float(edge): count for edge, count in edges.items()}  # float("+Inf") is inf
     if not buckets or buckets.get(math.inf, 0.0) == 0:
         return None
     rank, lower, below = q * buckets[math.inf], 0.0, 0.0
@@ -76,37 +83,40 @@ def render(trainer: Samples | None, server: Samples | None) -> str:
         lines.append("trainer: not reachable")
     else:
         t = trainer
-        loss = [t.get(f'streamlearn_prequential_loss{{window="{w}"}}') for w in (1000, 10000)]
-        acc = [t.get(f'streamlearn_prequential_accuracy_ratio{{window="{w}"}}') for w in (1000, 10000)]
+        loss = [value(t, "streamlearn_prequential_loss", window=w) for w in ("1000", "10000")]
+        acc = [value(t, "streamlearn_prequential_accuracy_ratio", window=w) for w in ("1000", "10000")]
         lines += [
             "LEARNING",
             f"  records learned   {total(t, 'streamlearn_records_trained_total'):,.0f}"
-            f"   ({_number(t.get('streamlearn_records_per_second'), ',.0f')}/s)",
+            f"   ({_number(value(t, 'streamlearn_records_per_second'), ',.0f')}/s)",
             f"  prequential loss  last 1k {_number(loss[0])}   last 10k {_number(loss[1])}",
             f"  accuracy          last 1k {_number(acc[0], '.3f')}   last 10k {_number(acc[1], '.3f')}",
             "DRIFT",
             "  scores            "
-            + "   ".join(f"{k[11:-2]} {v:.3g}" for k, v in matching(t, "streamlearn_drift_score").items()),
+            + "   ".join(
+                f"{k} {v:.3g}" for k, v in by_label(t, "streamlearn_drift_score", "detector").items()
+            ),
             "  detections        "
             + "   ".join(
-                f"{k[11:-2]} {v:.0f}" for k, v in matching(t, "streamlearn_drift_detections_total").items()
+                f"{k} {v:.0f}"
+                for k, v in by_label(t, "streamlearn_drift_detections_total", "detector").items()
             ),
-            f"  feature PSI (max) {_number(t.get('streamlearn_feature_drift_psi_max'), '.3f')}"
-            f"   KS (max) {_number(t.get('streamlearn_feature_drift_ks_max'), '.3f')}"
-            f"   label {_number(t.get('streamlearn_label_drift_score'), '.3f')}",
+            f"  feature PSI (max) {_number(value(t, 'streamlearn_feature_drift_psi_max'), '.3f')}"
+            f"   KS (max) {_number(value(t, 'streamlearn_feature_drift_ks_max'), '.3f')}"
+            f"   label {_number(value(t, 'streamlearn_label_drift_score'), '.3f')}",
             "PIPELINE",
             f"  consumer lag      {total(t, 'streamlearn_consumer_lag_records'):,.0f} records",
             "  invalid records   "
             + (
                 "   ".join(
-                    f"{k[9:-2]} {v:.0f}"
-                    for k, v in matching(t, "streamlearn_records_invalid_total").items()
+                    f"{k} {v:.0f}"
+                    for k, v in by_label(t, "streamlearn_records_invalid_total", "reason").items()
                     if v
                 )
                 or "none"
             ),
-            f"  snapshot          v{_number(t.get('streamlearn_snapshot_version'), '.0f')}"
-            f", written {_number(t.get('streamlearn_snapshot_age_seconds'), '.1f')} s ago"
+            f"  snapshot          v{_number(value(t, 'streamlearn_snapshot_version'), '.0f')}"
+            f", written {_number(value(t, 'streamlearn_snapshot_age_seconds'), '.1f')} s ago"
             f", {total(t, 'streamlearn_snapshot_failures_total'):.0f} failed writes",
             f"  Kafka errors      {total(t, 'streamlearn_kafka_errors_total'):.0f}",
         ]
@@ -114,15 +124,15 @@ def render(trainer: Samples | None, server: Samples | None) -> str:
         lines.append("server: not reachable")
     else:
         s = server
-        requests = matching(s, "streamlearn_predict_requests_total")
-        errors = sum(v for k, v in requests.items() if 'code="4' in k or 'code="5' in k)
-        served = matching(s, "streamlearn_served_model_version")
+        codes = by_label(s, "streamlearn_predict_requests_total", "code")
+        errors = sum(v for code, v in codes.items() if code.startswith(("4", "5")))
+        served = by_label(s, "streamlearn_served_model_version", "model")
         latency = [quantile(s, "streamlearn_predict_latency_seconds", p / 100) for p in (50, 95, 99)]
         lines += [
             "SERVING",
-            f"  ready             {'yes' if s.get('streamlearn_server_ready') else 'no'}"
-            + "".join(f"   {k[8:-2]} v{v:.0f}" for k, v in served.items()),
-            f"  predict requests  {sum(requests.values()):,.0f}   errors {errors:,.0f}",
+            f"  ready             {'yes' if value(s, 'streamlearn_server_ready') else 'no'}"
+            + "".join(f"   {model} v{v:.0f}" for model, v in served.items()),
+            f"  predict requests  {sum(codes.values()):,.0f}   errors {errors:,.0f}",
             "  latency (since start)  "
             + "   ".join(
                 f"p{p} {_number(v and v * 1000, '.1f')} ms"

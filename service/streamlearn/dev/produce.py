@@ -9,15 +9,15 @@ from confluent_kafka import KafkaError, Message
 
 from streamlearn import kafka
 from streamlearn.config import ProduceSettings
+from streamlearn.dev.streams import INVALID_VALUES, records
 from streamlearn.errors import KafkaOperationError
-from streamlearn.streams import INVALID_VALUES, records
 
 log = logging.getLogger(__name__)
 
 
 def publish(settings: ProduceSettings, stopped: Callable[[], bool] = lambda: False) -> int:
     """Publish until --count records are delivered or `stopped()`; return how many were sent."""
-    kafka.check_reachable(settings.bootstrap, settings.kafka)
+    kafka.check_reachable(settings.bootstrap, settings.kafka, settings.connect_timeout_s)
     producer = kafka.make_producer(settings.bootstrap, settings.kafka)
     failures: list[str] = []
 
@@ -25,7 +25,7 @@ def publish(settings: ProduceSettings, stopped: Callable[[], bool] = lambda: Fal
         if error is not None:
             failures.append(error.str())
 
-    source = records(settings.stream, settings.seed, settings.drift_every)
+    source = records(settings.stream, settings.stream_seed, settings.drift_every)
     started = time.monotonic()
     sent = 0
     while not stopped() and (settings.count == 0 or sent < settings.count):

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from pydantic import BaseModel
+
 from streamlearn import kafka
-from streamlearn.broker import EmbeddedBroker, ensure_port_free
-from streamlearn.config import UpSettings
+from streamlearn.config import ProduceSettings, ServeSettings, TrainSettings, UpSettings, command_line
+from streamlearn.dev.broker import EmbeddedBroker, ensure_port_free
+from streamlearn.dev.status import get_json, scrape, total, value
+from streamlearn.dev.streams import stream_info
 from streamlearn.snapshots import open_store
-from streamlearn.status import get_json, scrape
-from streamlearn.streams import stream_info
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "default"
@@ -55,33 +57,27 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGTERM, self._stop)
         try:
-            bootstrap = s.bootstrap or self._start_broker()
-            kafka.check_reachable(bootstrap, {})
-            kafka.ensure_topic(bootstrap, {}, s.topic)
-            self._spawn("server", "serve", "--snapshot-dir", str(s.snapshot_dir), "--port", str(s.port))
-            self._spawn("trainer", "train", *self._train_args(bootstrap))
+            bootstrap = self._start_broker() if s.embedded_broker else s.bootstrap
+            kafka.check_reachable(bootstrap, s.kafka, s.connect_timeout_s)
+            kafka.ensure_topic(bootstrap, s.kafka, s.topic)
+            self._spawn("server", "serve", ServeSettings, {})
+            self._spawn("trainer", "train", TrainSettings, self._train_values(bootstrap))
             if s.demo:
-                self._spawn(
-                    "producer", "produce", "--bootstrap", bootstrap, "--topic", s.topic,
-                    "--stream", s.stream, "--rate", str(s.rate),
-                )  # fmt: skip
+                self._spawn("producer", "produce", ProduceSettings, {"bootstrap": bootstrap})
             self._print_banner(bootstrap)
             return self._watch()
         finally:
             self._stop_all()
 
-    def _train_args(self, bootstrap: str) -> list[str]:
-        s = self.settings
-        args = ["--bootstrap", bootstrap, "--topic", s.topic, "--model-name", MODEL_NAME,
-                "--snapshot-dir", str(s.snapshot_dir), "--metrics-port", str(s.metrics_port)]  # fmt: skip
+    def _train_values(self, bootstrap: str) -> dict[str, Any]:
+        values: dict[str, Any] = {"bootstrap": bootstrap, "model_name": MODEL_NAME}
         if self.broker is not None:
             # The embedded broker starts empty each time: earlier snapshots' offsets mean nothing to it.
-            args += ["--resume-from", "group"]
-        if not s.demo:
-            return [*args, "--task", s.task]
-        info = stream_info(s.stream)
-        args += ["--task", info.task, "--n-features", str(info.n_features)]
-        return args + (["--classes", ",".join(info.classes)] if info.classes else [])
+            values["resume_from"] = "group"
+        if self.settings.demo:
+            info = stream_info(self.settings.stream)
+            values.update(task=info.task, n_features=info.n_features, classes=info.classes or None)
+        return values
 
     def _start_broker(self) -> str:
         output = open(self.log_dir / "broker.log", "wb")  # noqa: SIM115 - kept open for the child's life
@@ -89,11 +85,15 @@ class Supervisor:
         self.broker.start(output=output)
         return self.broker.bootstrap
 
-    def _spawn(self, name: str, command: str, *args: str) -> None:
+    def _spawn(self, name: str, command: str, model: type[BaseModel], values: dict[str, Any]) -> None:
+        """Start `streamlearn <command>` with the settings `up` shares with it, then `values`."""
+        # config.py declares each setting once, so a name `up` shares with a command means the same there.
+        s = self.settings
+        shared = {field: getattr(s, field) for field in type(s).model_fields if field in model.model_fields}
         log_path = self.log_dir / f"{name}.log"
         output: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - kept open for the child's life
         process = subprocess.Popen(
-            [sys.executable, "-m", "streamlearn", command, *args],
+            [sys.executable, "-m", "streamlearn", command, *command_line(model, {**shared, **values})],
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -124,11 +124,11 @@ class Supervisor:
         return 0
 
     def _show_progress(self) -> None:
-        trainer = scrape(f"http://127.0.0.1:{self.settings.metrics_port}/metrics") or {}
+        trainer = scrape(f"http://127.0.0.1:{self.settings.metrics_port}/metrics") or []
         served = get_json(f"http://127.0.0.1:{self.settings.port}/v1/models/{MODEL_NAME}")
-        trained = int(trainer.get("streamlearn_records_trained_total", 0))
-        accuracy = trainer.get('streamlearn_prequential_accuracy_ratio{window="1000"}')
-        loss = trainer.get('streamlearn_prequential_loss{window="1000"}')
+        trained = int(total(trainer, "streamlearn_records_trained_total"))
+        accuracy = value(trainer, "streamlearn_prequential_accuracy_ratio", window="1000")
+        loss = value(trainer, "streamlearn_prequential_loss", window="1000")
         quality = (
             f"accuracy {accuracy:.3f}"
             if accuracy is not None

@@ -1,0 +1,125 @@
+"""create_app() builds the prediction server: health routes, the KServe V1 router, and a reloader.
+
+Snapshots are loaded in the lifespan and then polled for every `reload_interval_s`; liveness
+always answers, readiness waits for a first snapshot. Every error is JSON {"error": ...}
+(errors.py), and the OpenAPI document lists every status each route can answer.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel
+
+from streamlearn import __version__
+from streamlearn.config import ServeSettings
+from streamlearn.errors import SnapshotStoreUnavailable
+from streamlearn.metrics import ServerMetrics
+from streamlearn.serve import v1
+from streamlearn.serve.dataplane import DataPlane
+from streamlearn.serve.errors import ANY_ROUTE, errors, register_error_handlers
+from streamlearn.serve.middleware import BodyLimits, LastResort, PredictMetrics
+from streamlearn.serve.registry import ModelRegistry
+from streamlearn.snapshots import open_store
+
+log = logging.getLogger("streamlearn.serve")
+
+PROMETHEUS_TEXT: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+}
+
+
+class Readiness(BaseModel):
+    ready: bool
+    models: list[str]
+
+
+def create_app(settings: ServeSettings | None = None, registry: CollectorRegistry | None = None) -> FastAPI:
+    """Build the server: one app serves every model found in the snapshot store."""
+    settings = settings or ServeSettings()
+    metrics = ServerMetrics(registry or CollectorRegistry())
+    models = ModelRegistry(open_store(settings.snapshot_dir), metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await _refresh(models)
+        reloader = asyncio.create_task(_reload_forever(models, settings.reload_interval_s))
+        yield
+        reloader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reloader
+
+    app = FastAPI(
+        title="Streamlearn",
+        version=__version__,
+        summary="Predictions from the newest snapshot of models learning from Kafka streams (KServe V1).",
+        lifespan=lifespan,
+        responses=ANY_ROUTE,
+    )
+    app.state.models = models
+    app.state.metrics = metrics
+    # Outermost last: measure predicts, turn any exception into a 500, then bound the body.
+    app.add_middleware(
+        BodyLimits,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+        timeouts=metrics.request_timeouts,
+    )
+    app.add_middleware(LastResort, metrics=metrics)
+    app.add_middleware(PredictMetrics, metrics=metrics, models=models)
+    register_error_handlers(app)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "alive"}
+
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        responses={
+            200: {"model": Readiness},
+            **errors({503: "No snapshot loaded yet, or too many connections."}),
+        },
+    )
+    async def readyz() -> Response:
+        """Readiness: at least one model snapshot is loaded."""
+        if not models.ready:
+            return JSONResponse({"error": "no snapshot loaded yet", "ready": False}, status_code=503)
+        return JSONResponse({"ready": True, "models": models.names})
+
+    @app.get("/metrics", tags=["health"], response_class=Response, responses=PROMETHEUS_TEXT)
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics, in its text format."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(v1.router(DataPlane(models, metrics, settings.max_instances)))
+    return app
+
+
+async def _reload_forever(models: ModelRegistry, interval_s: float) -> None:
+    healthy = True
+    while True:
+        await asyncio.sleep(interval_s)
+        healthy = await _refresh(models, quiet=not healthy)
+
+
+async def _refresh(models: ModelRegistry, quiet: bool = False) -> bool:
+    """Look for new snapshots; an outage is logged once, when it starts, and again when it ends."""
+    try:
+        await asyncio.to_thread(models.refresh)
+    except SnapshotStoreUnavailable as exc:  # keep serving the models we have, keep trying
+        if not quiet:
+            log.warning("%s; serving the loaded models until it is back", exc)
+        return False
+    except Exception:  # a bad directory state must never stop reloading
+        log.exception("snapshot reload failed")
+        return True
+    if quiet:
+        log.info("the snapshot store is reachable again")
+    return True

@@ -1,0 +1,101 @@
+"""The KServe V1 routes: list models, describe one, predict. Each hands its work to the data plane."""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request
+from pydantic import BaseModel
+from starlette.convertors import StringConvertor, register_url_convertor
+
+from streamlearn.serve.dataplane import DataPlane, PredictRequest
+from streamlearn.serve.errors import errors
+
+MODEL_NAME = "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # as TrainSettings.model_name
+
+
+class _ModelNameConvertor(StringConvertor):
+    """{name:model} in a route: a model name, so ':' never falls into it (GET .../x:predict is a 405)."""
+
+    regex = MODEL_NAME
+
+
+register_url_convertor("model", _ModelNameConvertor())
+ModelName = Annotated[str, Path(pattern=f"^{MODEL_NAME}$", examples=["default"])]
+
+
+class PredictResponse(BaseModel):
+    """KServe V1 answer: one prediction per instance (a class name or index, or a value)."""
+
+    predictions: list[str | int | float]
+    probabilities: list[list[float]] | None = None
+    model_name: str
+    model_version: int
+
+
+class ModelStatus(BaseModel):
+    """What GET /v1/models/{name} tells about the served snapshot."""
+
+    name: str
+    ready: bool
+    version: int
+    records_trained: int
+    created_at: str
+    task: str
+    classes: list[str]
+    n_features: int
+    feature_names: list[str]
+    arch: str
+    drift: dict[str, Any] | None
+
+
+def _predict_body(max_instances: int) -> dict[str, Any]:
+    schema = PredictRequest.model_json_schema()
+    schema["properties"]["instances"]["maxItems"] = max_instances
+    content = {"schema": schema, "example": {"instances": [[1.0, 2.0, 5.0]]}}
+    return {"requestBody": {"required": True, "content": {"application/json": content}}}
+
+
+def router(dataplane: DataPlane) -> APIRouter:
+    """The /v1 routes over one data plane."""
+    models = dataplane.models
+    v1 = APIRouter(prefix="/v1", tags=["kserve-v1"])
+
+    @v1.get("/models")
+    async def list_models() -> dict[str, list[str]]:
+        """Names of the models being served."""
+        return {"models": models.names}
+
+    @v1.get(
+        "/models/{name:model}",
+        response_model=ModelStatus,
+        responses=errors(
+            {
+                404: "No model of that name.",
+                422: "The name does not match the model name pattern.",
+                503: "No snapshot loaded yet, or too many connections.",
+            }
+        ),
+    )
+    async def model_status(name: ModelName) -> dict[str, Any]:
+        """Readiness, version and provenance of one model."""
+        return models.get(name).describe()
+
+    @v1.post(
+        "/models/{name:model}:predict",
+        response_model=PredictResponse,
+        response_model_exclude_none=True,
+        openapi_extra=_predict_body(dataplane.max_instances),
+        responses=errors(
+            {
+                400: "The body is not JSON.",
+                404: "No model of that name.",
+                415: "The body is declared as something other than JSON, or is compressed.",
+                422: "The body is not a request for this model: each error names the instance.",
+                503: "No snapshot loaded yet, or too many connections.",
+            }
+        ),
+    )
+    async def predict(name: ModelName, request: Request) -> dict[str, Any]:
+        """Predict with the newest snapshot; classification also returns class probabilities."""
+        return dataplane.predict_v1(name, request.headers, await request.body())
+
+    return v1

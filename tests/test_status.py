@@ -1,0 +1,43 @@
+"""`streamlearn status`: the terminal picture read from the trainer's and the server's /metrics."""
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from streamlearn.dev.status import by_label, parse, quantile, render, value
+from streamlearn.metrics import ServerMetrics, TrainerMetrics
+
+
+def page(metrics: TrainerMetrics | ServerMetrics) -> str:
+    return generate_latest(metrics.registry).decode()
+
+
+def test_label_values_are_read_by_name_not_by_position():
+    trainer = TrainerMetrics(CollectorRegistry())
+    trainer.drift_score.labels("page_hinkley").set(0.5)
+    trainer.drift_detections.labels("adwin").inc(3)
+    trainer.records_invalid.labels("bad_json").inc(2)
+    trainer.prequential_accuracy.labels("1000").set(0.875)
+    samples = parse(page(trainer))
+    assert by_label(samples, "streamlearn_drift_score", "detector") == {"page_hinkley": 0.5}
+    assert value(samples, "streamlearn_prequential_accuracy_ratio", window="1000") == 0.875
+    assert value(samples, "streamlearn_prequential_accuracy_ratio", window="10000") is None
+    text = render(samples, None)
+    assert "page_hinkley 0.5" in text and "adwin 3" in text and "bad_json 2" in text
+    assert "last 1k 0.875" in text and "server: not reachable" in text
+
+
+def test_serving_counts_errors_by_status_code_and_shows_each_model():
+    server = ServerMetrics(CollectorRegistry())
+    for code, count in (("200", 7), ("422", 2), ("503", 1)):
+        server.predict_requests.labels("fraud", code).inc(count)
+    server.served_version.labels("fraud").set(12)
+    server.ready.set(1)
+    for seconds in (0.001, 0.002, 0.02, 0.2):
+        server.predict_latency.labels("fraud").observe(seconds)
+    samples = parse(page(server))
+    text = render(None, samples)
+    assert "predict requests  10   errors 3" in text
+    assert "ready             yes   fraud v12" in text
+    # Two of four observations fall in the 1-2.5 ms bucket: the median is at its upper edge.
+    assert quantile(samples, "streamlearn_predict_latency_seconds", 0.5) == pytest.approx(0.0025)
+    assert "trainer: not reachable" in text
