@@ -5,13 +5,12 @@ and is also an environment variable. User errors print one line and exit non-zer
 """
 
 import argparse
-import contextlib
 import logging
 import signal
 import sys
 import threading
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from pydantic import BaseModel, ValidationError
@@ -107,13 +106,6 @@ def run_serve(settings: ServeSettings) -> int:
     from streamlearn.serve.middleware import rate_limit_logs
 
     class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            # Shut down gracefully on SIGINT/SIGTERM and exit 0, instead of re-raising the signal.
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(signum, lambda *_: setattr(self, "should_exit", True))
-            yield
-
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             deepen_listen_queues(getattr(self, "servers", ()))
@@ -136,6 +128,10 @@ def run_serve(settings: ServeSettings) -> int:
         timeout_graceful_shutdown=10,
     )
     rate_limit_logs()  # after uvicorn.Config, which configures logging
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then restores the handlers it found and
+    # raises the signal again: these no-op handlers let the command end there, with exit code 0.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
     Server(config).run()
     return 0
 
