@@ -157,7 +157,7 @@ def train_process(
 def test_kill_9_loses_nothing_and_learns_nothing_twice(bootstrap, make_topic, start_trainer, tmp_path):
     topic, n = make_topic(), 2400
     values, invalid = stream(n, invalid_every=11)
-    producer = PacedProducer(bootstrap, topic, values, per_second=80)  # still arriving through every crash
+    producer = PacedProducer(bootstrap, topic, values, per_second=50)  # still arriving through every crash
     producer.start()
     store = LocalSnapshotStore(tmp_path / "crashing")
     rng = random.Random(3)
@@ -308,7 +308,7 @@ def test_an_unwritable_snapshot_dir_stops_commits_until_it_recovers(
 def test_a_corrupt_newest_snapshot_is_skipped_and_nothing_is_lost(bootstrap, make_topic, tmp_path):
     topic = make_topic()
     values, invalid = stream(1000, invalid_every=20)
-    PacedProducer(bootstrap, topic, values[:500], per_second=100).start()  # several snapshots. worth
+    PacedProducer(bootstrap, topic, values[:500], per_second=40).start()  # several snapshots. worth
     store = LocalSnapshotStore(tmp_path)
     crashed = train_process(bootstrap, topic, tmp_path, crash="commit.before:3")
     crashed.wait(60)

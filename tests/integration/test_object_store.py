@@ -32,7 +32,7 @@ def test_trainer_and_server_share_snapshots_through_s3_exactly_once(bootstrap, m
     command = [sys.executable, "-m", "streamlearn", "serve", "--snapshot-dir", s3_url, "--port", str(port),
                "--reload-interval-s", "0.2", "--log-level", "warning"]  # fmt: skip
     server = track(subprocess.Popen(command))
-    producer = PacedProducer(bootstrap, topic, values, per_second=100)  # arriving through the crashes
+    producer = PacedProducer(bootstrap, topic, values, per_second=60)  # arriving through the crashes
     producer.start()
 
     # Crash after the weights are uploaded but before meta.json publishes them, then right after.
