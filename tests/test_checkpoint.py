@@ -133,3 +133,18 @@ def test_shutdown_with_nothing_new_still_commits_every_owned_partition(setup):
     assert checkpoints.commit(consumer, force=True)  # nothing learned since: the offsets again
 
     assert consumer.commits == [({("events", 1): 4}, False, {"events": {0: 3, 1: 4}})]
+
+
+def test_a_failed_forced_checkpoint_never_lets_a_later_one_commit_what_it_did_not_save(setup):
+    store, partitions, checkpoints, consumer = setup
+    store.fail = True
+    store.gate.set()
+    learn(partitions, checkpoints, 0, 10)
+
+    assert not checkpoints.commit(consumer, force=True)  # shutdown: the write fails
+    assert not checkpoints.commit(consumer, force=True, revoking={("events", 0)})  # then the revoke
+
+    assert consumer.commits == []
+    store.fail = False
+    assert checkpoints.commit(consumer, force=True)
+    assert consumer.commits == [({("events", 0): 10}, False, {"events": {0: 10}})]

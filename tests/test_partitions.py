@@ -35,6 +35,7 @@ def test_a_partition_resumes_at_the_later_of_ours_and_the_groups_offset():
 
     assert partitions.assign(("events", 0), committed=40) == 50  # our commit lagged behind
     assert partitions.assign(("events", 1), committed=30) == 30  # another member learned 10..29
+    assert partitions.to_commit({("events", 1)}) == {("events", 1): 30}  # never the group backwards
     assert partitions.assign(("events", 2), committed=7) is None  # never ours: the group decides
     assert partitions.positions[("events", 2)] == 7
     assert partitions.assign(("events", 3), committed=-1001) is None

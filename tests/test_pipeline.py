@@ -1,5 +1,6 @@
 """The run loop's guard against its own bugs: one record that makes our code raise is isolated."""
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,3 +101,32 @@ def test_a_record_that_makes_learning_raise_is_isolated_by_bisection(pipeline, m
     assert sample(pipeline, "streamlearn_records_invalid_total", reason="internal_error") == 1
     assert len(stepped) <= 2 * 6 + 1  # bisection: a few steps per level, not one per record
     assert pipeline.partitions.learned == {(TOPIC, 0): 48}
+
+
+def test_a_record_whose_loss_overflows_is_isolated_and_the_rest_learned(tmp_path):
+    """A regression label within float32 whose squared error is not: one record, not its batch."""
+    settings = TrainSettings(
+        task="regression", topic=TOPIC, snapshot_dir=tmp_path, dlq_topic="", arch="linear"
+    )
+    pipeline = Pipeline(settings, TrainerMetrics(CollectorRegistry()))
+    pipeline.partitions.assign((TOPIC, 0), committed=-1)
+    values = [orjson.dumps({"features": [i % 7, 1.0, 2.0], "label": float(i % 5)}) for i in range(64)]
+    values[21] = b'{"features": [1, 2, 3], "label": 3.0e38}'
+
+    pipeline.process([Consumed(i, value) for i, value in enumerate(values)])
+
+    assert pipeline.records_learned == 63
+    assert sample(pipeline, "streamlearn_records_invalid_total", reason="non_finite") == 1
+    prequential = pipeline.learner.trainer.state()[1]["prequential"]  # what a restart reads back
+    assert math.isfinite(prequential["loss_sum"])
+    assert all(math.isfinite(v) for v in prequential["faded_loss"].values())
+
+
+def test_scores_of_a_snapshot_that_held_an_infinite_loss_load_afresh():
+    from streamlearn.train.trainer import Prequential
+
+    scores = Prequential.from_dict(
+        {"records": 5, "loss_sum": None, "weight_sum": 5.0, "correct": 0, "faded_loss": {"100": None}}
+    )
+
+    assert scores.records == 5 and scores.loss_sum == 0.0 and scores.faded_loss == {}

@@ -37,7 +37,8 @@ class TrainerMetrics:
             self.records_invalid.labels(reason.value)  # export zeros so rate() works from the start
         self.batches_skipped = Counter(
             "streamlearn_batches_skipped_total",
-            "Micro-batches not learned because their loss or gradient was not finite.",
+            "Micro-batches (or halves of one, while isolating the record responsible) not learned "
+            "because their loss or gradient was not finite.",
             registry=registry,
         )
         self.prequential_loss = Gauge(

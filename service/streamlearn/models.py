@@ -47,6 +47,8 @@ class ModelSpec:
             return f"{other.describe()}, not {self.describe()}"
         if self.labels.classes and self.labels.classes != other.labels.classes:
             return f"classes {list(other.labels.classes)}, not {list(self.labels.classes)}"
+        if self.labels.n_outputs != other.labels.n_outputs:
+            return f"{other.labels.n_outputs} outputs (classes), not {self.labels.n_outputs}"
         if self.features.n_features and self.features.n_features != other.features.n_features:
             return f"{other.features.n_features} features, not {self.features.n_features}"
         return None
@@ -61,6 +63,7 @@ class ModelSpec:
             "features": self.features.to_dict(),
             "arch": self.arch,
             "args": self.args,
+            "hidden": self.args.get("hidden", []),  # for readers of the first release (0.1.0)
             "seed": self.seed,
         }
 

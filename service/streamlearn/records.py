@@ -73,7 +73,7 @@ class FeatureSpec:
                 extra = sorted(features.keys() - set(self.names))[:3]
                 raise InvalidRecord(
                     InvalidReason.FEATURE_MISMATCH,
-                    f"feature names differ: missing {missing}, unexpected {extra}",
+                    f"feature names differ: missing {_preview(missing)}, unexpected {_preview(extra)}",
                 )
             values = [features[name] for name in self.names]
         elif isinstance(features, list):

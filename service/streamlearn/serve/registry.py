@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from streamlearn.errors import ModelNotFound, ModelNotReady, SnapshotError
+from streamlearn.errors import ModelNotFound, ModelNotReady, SnapshotError, SnapshotStoreUnavailable
 from streamlearn.metrics import ServerMetrics
 from streamlearn.models import ModelSpec, OnlineModel, build_model
 from streamlearn.snapshots import Snapshot, SnapshotMeta, SnapshotStore
@@ -104,7 +104,9 @@ class ModelRegistry:
                 break
             try:
                 served = ServedModel.from_snapshot(self.store.load(name, version))
-            except SnapshotError as exc:
+            except SnapshotStoreUnavailable:
+                raise  # an outage, not a bad snapshot: keep serving, retry the next poll
+            except Exception as exc:  # a bad snapshot, whatever it trips over, skips only itself
                 self.metrics.reload_failures.labels(name).inc()
                 log.warning("not serving: %s", exc)
                 continue

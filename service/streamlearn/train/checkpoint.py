@@ -174,6 +174,7 @@ class Checkpointer:
             return False  # still pending: a later call commits it, for the partitions owned then
         except Exception as exc:
             self.pending = None
+            self.dirty = True  # what it held is not durable: never commit past it without a new one
             self.metrics.snapshot_failures.inc()
             log.error("snapshot failed, offsets not committed (will retry): %s", exc)
             return False

@@ -52,6 +52,7 @@ OUR_HEADERS = (
 # Room for the key, the headers and the record's framing beside a value of --max-record-bytes.
 LETTER_OVERHEAD_BYTES = 64 * 1024
 MAX_KEPT_KEY_BYTES = 1024  # a letter without its value keeps a key up to this size
+MAX_DETAIL_CHARS = 1000  # the reason's detail in a header: details are short, this bounds them
 # Errors that say the letter itself is too large: resending it unchanged would fail forever.
 TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD)
 Source = tuple[str, int, int]  # (topic, partition, offset) of the original record
@@ -97,7 +98,7 @@ def dead_letter_headers(message: Message, rejected: Rejected) -> Headers:
         (H_PARTITION, str(message.partition()).encode()),
         (H_OFFSET, str(message.offset()).encode()),
         (H_REASON, rejected.reason.value.encode()),
-        (H_MESSAGE, rejected.detail.encode(errors="replace")),
+        (H_MESSAGE, rejected.detail[:MAX_DETAIL_CHARS].encode(errors="replace")),
         (H_STAGE, b"VALUE_CONVERTER"),
         (H_TIME, str(int(time.time() * 1000)).encode()),
     ]
@@ -112,7 +113,10 @@ def header(headers: Any, name: str) -> str | None:
 
 
 def source_of(message: Message) -> Source | None:
-    headers = message.headers()
+    try:
+        headers = message.headers()
+    except Exception:  # a header key that is not UTF-8: not a letter of ours
+        return None
     topic, partition, offset = (header(headers, h) for h in (H_TOPIC, H_PARTITION, H_OFFSET))
     if topic is None or partition is None or offset is None:
         return None
@@ -199,7 +203,13 @@ class DeadLetterQueue:
             with self._lock:
                 retry, self._retry = self._retry, []
             for seq, letter in retry:
-                self._produce(seq, letter)
+                try:
+                    self._produce(seq, letter)
+                except Exception as exc:  # keep it outstanding, and this thread alive: retry later
+                    log.error("dead letter not resent, will retry: %s", exc)
+                    with self._lock:
+                        self._retry.append((seq, letter))
+                    self._closed.wait(1.0)
 
     def barrier(self) -> int:
         """A point to wait for: every dead letter sent so far."""

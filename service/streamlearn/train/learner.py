@@ -60,8 +60,13 @@ class Learner:
         self.trainer.restore(snapshot.tensors, meta.training)
         return spec.features
 
-    def learn(self, batch: DecodedBatch, features: FeatureSpec) -> None:
-        """Test, then train, then watch for drift: one micro-batch of valid records."""
+    def learn(self, batch: DecodedBatch, features: FeatureSpec) -> bool:
+        """Test, then train, then watch for drift: one micro-batch of valid records.
+
+        False when the batch was not learned (its loss or gradient was not finite); the model is
+        then as it was. An exception from the step leaves the model as it was too; one from
+        watching (scores, drift) is logged and never undoes or repeats the step.
+        """
         if self.trainer is None:
             s = self.settings
             self._build(ModelSpec.create(self.labels, features, s.arch, s, s.seed))
@@ -70,14 +75,17 @@ class Learner:
         with m.train_step.time():
             result = self.trainer.step(batch)
         m.batch_records.observe(len(batch))
-        if result.learned:
-            self.records_learned += len(batch)
-            m.records_trained.inc(len(batch))
-        else:
+        if not result.learned:
             m.batches_skipped.inc()
-            log.warning("skipped a micro-batch of %d records: non-finite loss or gradient", len(batch))
-        self.telemetry.scores(self.trainer)
-        self._watch_drift(batch, result.errors)
+            return False
+        self.records_learned += len(batch)
+        m.records_trained.inc(len(batch))
+        try:
+            self.telemetry.scores(self.trainer)
+            self._watch_drift(batch, result.errors)
+        except Exception as exc:  # monitoring must never make a learned batch be learned again
+            self.telemetry.limited.log(logging.ERROR, "watch", "scoring or drift watch failed", exc_info=exc)
+        return True
 
     def content(self, offsets: Offsets) -> tuple[dict[str, torch.Tensor], SnapshotContent]:
         """What a checkpoint holds: the model's state, the offsets learned to, drift, the settings."""

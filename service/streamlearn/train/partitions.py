@@ -62,6 +62,8 @@ class Partitions(Generic[M]):
         ours = self.learned.get(key)
         start = committed if ours is None else max(ours, committed)
         self.positions[key] = start if start >= 0 else UNKNOWN
+        if ours is not None and start > ours:
+            self.learned[key] = start  # others learned up to there: never commit the group backwards
         return start if ours is not None else None
 
     def release(self, keys: Iterable[Key]) -> None:

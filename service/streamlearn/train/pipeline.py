@@ -29,6 +29,10 @@ from streamlearn.train.trainer import pick_device
 
 log = logging.getLogger("streamlearn.train")
 
+# More unforeseen exceptions in a row than this is no poison record but a broken trainer (a bug
+# hit by every record, a failed device): the trainer stops rather than dead-letter the stream.
+MAX_INTERNAL_ERRORS = 1000
+
 
 class Pipeline:
     """Consumes one topic and keeps one model learning from it."""
@@ -57,6 +61,7 @@ class Pipeline:
         self.dlq_marks: dict[int, int] = {}
         self.skip_dead_letters: set[Source] = set()
         self.consumer: Consumer | None = None
+        self.internal_errors = 0  # unforeseen exceptions in a row, while isolating their records
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -169,21 +174,32 @@ class Pipeline:
         """
         try:
             batch = self.decoder.decode([m.value() for m in messages])
+            learned = True
             if len(batch):
                 assert self.decoder.features is not None  # fixed by the first valid record
-                self.learner.learn(batch, self.decoder.features)
+                learned = self.learner.learn(batch, self.decoder.features)
         except Exception as exc:
-            if len(messages) > 1:
-                middle = len(messages) // 2
-                self._learn_isolating(messages[:middle])
-                self._learn_isolating(messages[middle:])
+            self.internal_errors += 1
+            if self.internal_errors > MAX_INTERNAL_ERRORS:  # not one record: the code or the device
+                raise
+            if len(messages) == 1:
+                self.telemetry.limited.log(
+                    logging.ERROR, f"internal-{type(exc).__name__}", "learning a record failed", exc_info=exc
+                )
+                detail = f"{type(exc).__name__}: {exc}"[:300]
+                self._reject(messages[0], Rejected(0, InvalidReason.INTERNAL_ERROR, detail))
                 return
-            self.telemetry.limited.log(
-                logging.ERROR, f"internal-{type(exc).__name__}", "learning a record failed", exc_info=exc
-            )
-            detail = f"{type(exc).__name__}: {exc}"[:300]
-            self._reject(messages[0], Rejected(0, InvalidReason.INTERNAL_ERROR, detail))
+            learned = False
+        if not learned:  # an exception, or a loss or gradient that is not finite: find the record
+            if len(messages) == 1:
+                detail = "the loss or gradient is not finite for this record"
+                self._reject(messages[0], Rejected(0, InvalidReason.NON_FINITE, detail))
+                return
+            middle = len(messages) // 2
+            self._learn_isolating(messages[:middle])
+            self._learn_isolating(messages[middle:])
             return
+        self.internal_errors = 0
         for rejected in batch.rejected:  # sent once the batch went through, so never twice
             self._reject(messages[rejected.index], rejected)
 

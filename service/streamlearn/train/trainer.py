@@ -101,13 +101,20 @@ class Prequential:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Prequential":
+        # Releases before 0.1.1 could score an infinite loss, which JSON holds as null: start that
+        # score afresh rather than refuse the snapshot.
+        def number(value: Any) -> float:
+            return 0.0 if value is None else float(value)
+
         return cls(
             records=int(data["records"]),
-            loss_sum=float(data["loss_sum"]),
-            weight_sum=float(data["weight_sum"]),
+            loss_sum=number(data["loss_sum"]),
+            weight_sum=number(data["weight_sum"]),
             correct=int(data["correct"]),
-            faded_loss={int(k): float(v) for k, v in data.get("faded_loss", {}).items()},
-            faded_accuracy={int(k): float(v) for k, v in data.get("faded_accuracy", {}).items()},
+            faded_loss={int(k): float(v) for k, v in data.get("faded_loss", {}).items() if v is not None},
+            faded_accuracy={
+                int(k): float(v) for k, v in data.get("faded_accuracy", {}).items() if v is not None
+            },
         )
 
 
@@ -147,22 +154,27 @@ class Trainer:
 
         # 2. learn the feature scale, then take one gradient step on the batch
         saved_normalizer = {k: v.clone() for k, v in model.normalizer.state_dict().items()}
-        model.normalizer.update(x)
-        model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = model.loss(model(x), y, w)
-        loss.backward()
+        try:
+            model.normalizer.update(x)
+            model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = model.loss(model(x), y, w)
+            loss.backward()
 
-        # 3. clip, and refuse to step on a non-finite loss or gradient (one device sync per batch)
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        if self.clip_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(model.parameters(), self.clip_grad_norm, norm)
-        stats = torch.stack(
-            [test_loss, loss.detach(), norm, w.sum(), *(() if correct is None else (correct,))]
-        )
-        test_value, loss_value, norm_value, weight_sum, *rest = stats.tolist()
-        learned = math.isfinite(loss_value) and math.isfinite(norm_value)
+            # 3. clip, and refuse to step on a non-finite loss or gradient (one device sync per batch)
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+            if self.clip_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(model.parameters(), self.clip_grad_norm, norm)
+            stats = torch.stack(
+                [test_loss, loss.detach(), norm, w.sum(), *(() if correct is None else (correct,))]
+            )
+            test_value, loss_value, norm_value, weight_sum, *rest = stats.tolist()
+        except BaseException:  # nothing of a step that raised stays: the batch may be tried again
+            model.normalizer.load_state_dict(saved_normalizer)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        learned = all(map(math.isfinite, (test_value, loss_value, norm_value)))
         if learned:
             self.optimizer.step()
         else:
@@ -175,7 +187,8 @@ class Trainer:
         # 4. score: the prequential loss and accuracy of step 1
         errors = misses.cpu().numpy()
         result = StepResult(len(batch), test_value, int(rest[0]) if rest else None, learned, errors)
-        self.scores.add(result, weight_sum)
+        if learned:  # a skipped batch is scored when its records are learned (or not at all)
+            self.scores.add(result, weight_sum)
         return result
 
     def respond_to_drift(self, action: str) -> None:
