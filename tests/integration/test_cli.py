@@ -63,7 +63,7 @@ def test_produce_then_train_until_sigterm(bootstrap, make_topic, tmp_path):
 def test_up_demo_runs_everything_and_the_served_model_improves(tmp_path):
     ports = {"--broker-port": free_port(), "--port": free_port(), "--metrics-port": free_port()}
     args = [item for flag, port in ports.items() for item in (flag, str(port))]
-    up = streamlearn("up", "--demo", "--duration-s", "16", "--rate", "800", *args, cwd=tmp_path)
+    up = streamlearn("up", "--demo", "--duration-s", "25", "--rate", "400", *args, cwd=tmp_path)
     server = f"http://127.0.0.1:{ports['--port']}"
 
     def served_version():
@@ -86,7 +86,7 @@ def test_up_demo_runs_everything_and_the_served_model_improves(tmp_path):
     # A second demo in the same directory: a fresh in-memory broker, the model's weights kept.
     ports = {"--broker-port": free_port(), "--port": free_port(), "--metrics-port": free_port()}
     args = [item for flag, port in ports.items() for item in (flag, str(port))]
-    again = streamlearn("up", "--demo", "--duration-s", "10", "--rate", "800", *args, cwd=tmp_path)
+    again = streamlearn("up", "--demo", "--duration-s", "15", "--rate", "400", *args, cwd=tmp_path)
     _, err = again.communicate(timeout=60)
     assert again.returncode == 0, err
     second = LocalSnapshotStore(tmp_path / "snapshots").load_latest("default")
