@@ -301,3 +301,80 @@ def test_any_bytes_decode_to_finite_rows_or_a_reason_never_an_exception(labels, 
     assert batch.features.dtype == np.float32 and batch.features.shape[0] == len(batch)
     assert np.isfinite(batch.features).all() and np.isfinite(batch.weights).all()
     assert np.isfinite(batch.labels.astype(np.float64)).all()
+
+
+# -- the batch path and the exact path agree ----------------------------------------------------
+
+NEAR_VALID = st.tuples(
+    st.one_of(
+        st.lists(JSON_NUMBERS, min_size=2, max_size=4),
+        st.lists(st.tuples(st.sampled_from(["x", "y", "z", "w"]), JSON_NUMBERS), min_size=2, max_size=4).map(
+            _Pairs
+        ),
+    ),
+    st.one_of(
+        st.sampled_from([0, 1, 2, 3, -1, True, False, "a", "b", "0", "c", 1.0, 0.5, None]), JSON_NUMBERS
+    ),
+    st.one_of(st.none(), JSON_NUMBERS, st.sampled_from([0, 0.0, -0.0, 2.5, True, "1"])),
+).map(
+    lambda f: (
+        "{"
+        + f'"features":{_dump(f[0])},"label":{_dump(f[1])}'
+        + ("" if f[2] is None else f',"weight":{_dump(f[2])}')
+        + ',"ts":1,"id":"r"}'
+    ).encode()
+)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [BINARY, LabelSpec.create("binary", ("a", "b")), LabelSpec.create("regression"),
+     LabelSpec.create("multiclass", ("0", "a", "b"))],
+    ids=["binary", "binary-named", "regression", "multiclass"],
+)  # fmt: skip
+@pytest.mark.parametrize("features", [THREE, FeatureSpec(3, ("x", "y", "z"))], ids=["list", "named"])
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(values=st.lists(NEAR_VALID, min_size=1, max_size=4))
+def test_the_batch_path_accepts_only_what_the_exact_path_accepts_and_reads_it_alike(labels, features, values):
+    decoder = RecordDecoder(labels, features)
+    fast, exact = decoder._decode_fast(values), decoder._decode_exact(values)
+
+    if fast is not None:  # the batch path took the batch: every record is valid and read the same
+        assert exact.rejected == []
+        for a, b in (
+            (fast.features, exact.features),
+            (fast.labels, exact.labels),
+            (fast.weights, exact.weights),
+        ):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_the_batch_path_takes_every_common_spelling_of_a_valid_record():
+    spellings = [
+        (BINARY, "1"),
+        (BINARY, "true"),
+        (LabelSpec.create("binary", ("a", "b")), '"b"'),
+        (LabelSpec.create("regression"), "-2.5e3"),
+        (LabelSpec.create("multiclass", num_classes=4), "3"),
+    ]
+    for labels, label in spellings:
+        for features in (THREE, FeatureSpec(3, ("x", "y", "z"))):
+            row = "[1, 2.5, -3e9]" if not features.names else '{"z": -3e9, "x": 1, "y": 2.5}'
+            value = f'{{"features": {row}, "label": {label}, "weight": 2, "ts": 5}}'.encode()
+
+            batch = RecordDecoder(labels, features)._decode_fast([value, value])
+
+            assert batch is not None, (labels, label, features)
+            assert batch.features.tolist() == [[1.0, 2.5, -3e9]] * 2 and batch.weights.tolist() == [2.0] * 2
+
+
+def test_one_bad_record_sends_its_batch_through_the_per_record_path_with_exact_reasons():
+    values = [b'{"features": [1, 2, 3], "label": 1}', b'{"features": [1, true, 3], "label": 0}',
+              b'{"features": [1, 2, 3], "label": 7}', b'{"features": [1, 2], "label": 0}']  # fmt: skip
+
+    batch = RecordDecoder(BINARY, THREE).decode(values)
+
+    assert len(batch) == 1
+    assert [(r.index, r.reason) for r in batch.rejected] == [
+        (1, InvalidReason.BAD_FEATURES), (2, InvalidReason.UNKNOWN_CLASS), (3, InvalidReason.WRONG_LENGTH)
+    ]  # fmt: skip
