@@ -78,30 +78,3 @@ def test_a_commit_carries_only_owned_partitions_at_the_offset_after_their_last_l
     partitions.release([("events", 0)])
     assert partitions.to_commit() == {("events", 1): 3}
     assert partitions.learned[("events", 0)] == 8  # kept for the snapshot, never committed by us now
-
-
-def test_deterministic_batches_are_defined_by_offsets_not_by_how_messages_arrive():
-    def batches_for(fetches: list[list[Msg]]) -> list[list[int]]:
-        partitions = Partitions(batch_size=4)
-        partitions.assign(("events", 0), committed=0)
-        out = []
-        for fetch in fetches:
-            out += [[m.offset_ for m in batch] for batch in partitions.batches(partitions.take(fetch))]
-        return out
-
-    at_once = batches_for([fetched(0, range(0, 12))])
-    trickled = batches_for([fetched(0, range(0, 3)), fetched(0, range(3, 5)), fetched(0, range(5, 13))])
-
-    assert at_once == trickled == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
-
-
-def test_an_unfinished_deterministic_batch_of_a_revoked_partition_is_dropped_not_learned():
-    partitions = Partitions(batch_size=4)
-    partitions.assign(("events", 0), committed=0)
-    assert partitions.batches(partitions.take(fetched(0, range(0, 3)))) == []
-    partitions.release([("events", 0)])
-    partitions.assign(("events", 0), committed=0)
-
-    batches = partitions.batches(partitions.take(fetched(0, range(0, 4))))
-
-    assert [[m.offset_ for m in b] for b in batches] == [[0, 1, 2, 3]]

@@ -41,6 +41,9 @@ class Consumed:
     def offset(self) -> int:
         return self.offset_
 
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_700_000_000_000 + self.offset_)
+
     def error(self) -> None:
         return None
 
@@ -73,6 +76,7 @@ def test_a_record_that_makes_decoding_raise_is_dead_lettered_and_the_rest_learne
     faults._marker.cache_clear()
     try:
         pipeline.process(records(64, marked={5, 40}))
+        pipeline.settle()
     finally:
         faults._marker.cache_clear()
 
@@ -83,6 +87,7 @@ def test_a_record_that_makes_decoding_raise_is_dead_lettered_and_the_rest_learne
 
 def test_a_record_that_makes_learning_raise_is_isolated_by_bisection(pipeline, monkeypatch):
     pipeline.process(records(8))  # builds the trainer
+    pipeline.settle()
     step = pipeline.learner.trainer.step
     stepped: list[int] = []
 
@@ -96,6 +101,7 @@ def test_a_record_that_makes_learning_raise_is_isolated_by_bisection(pipeline, m
     batch = records(40)
     batch[17] = Consumed(17, b'{"features": [1, 1234.5, 2], "label": 1}')
     pipeline.process([Consumed(m.offset_ + 8, m.value_) for m in batch])
+    pipeline.settle()
 
     assert pipeline.records_learned == 8 + 39
     assert sample(pipeline, "streamlearn_records_invalid_total", reason="internal_error") == 1
@@ -114,6 +120,7 @@ def test_a_record_whose_loss_overflows_is_isolated_and_the_rest_learned(tmp_path
     values[21] = b'{"features": [1, 2, 3], "label": 3.0e38}'
 
     pipeline.process([Consumed(i, value) for i, value in enumerate(values)])
+    pipeline.settle()
 
     assert pipeline.records_learned == 63
     assert sample(pipeline, "streamlearn_records_invalid_total", reason="non_finite") == 1

@@ -61,8 +61,12 @@ def make_consumer(
     group_instance_id: str | None = None,
     on_error: Callable[[KafkaError], None] | None = None,
     on_commit: Callable[[KafkaError | None, list[TopicPartition]], None] | None = None,
+    report_end: bool = False,
 ) -> Consumer:
-    """A consumer with manual offsets: nothing is committed or stored unless we say so."""
+    """A consumer with manual offsets: nothing is committed or stored unless we say so.
+
+    With `report_end`, reaching the end of a partition is reported as a _PARTITION_EOF event.
+    """
     defaults: dict[str, Any] = {
         "group.id": group,
         "enable.auto.commit": False,
@@ -73,6 +77,7 @@ def make_consumer(
         "session.timeout.ms": session_timeout_ms,
         "heartbeat.interval.ms": max(session_timeout_ms // 6, 100),
         "error_cb": on_error or _log_error,
+        "enable.partition.eof": report_end,
     }
     if group_instance_id:
         defaults["group.instance.id"] = group_instance_id  # static membership: a restart keeps its partitions
@@ -97,9 +102,9 @@ def make_producer(bootstrap: str, overrides: Mapping[str, str]) -> Producer:
 
 
 def message_error(message: Message) -> KafkaError | None:
-    """The error a consumed message carries, if any; fatal errors are raised."""
+    """The error a consumed message carries, if any (a partition's end is one); fatal ones raise."""
     error = message.error()
-    if error is None or error.code() == KafkaError._PARTITION_EOF:
+    if error is None:
         return None
     if error.fatal():
         raise KafkaOperationError(f"fatal Kafka error: {error.str()}")

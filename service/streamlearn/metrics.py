@@ -95,6 +95,17 @@ class TrainerMetrics:
             ["partition"],
             registry=registry,
         )
+        self.event_time_skew = Gauge(
+            "streamlearn_event_time_skew_seconds",
+            "How far the newest record taken runs ahead, in event time, of the oldest partition still "
+            "being read; records past it wait, up to --max-event-skew-ms.",
+            registry=registry,
+        )
+        self.partitions_paused = Gauge(
+            "streamlearn_partitions_paused",
+            "Partitions paused because they ran ahead in event time and their buffer is full.",
+            registry=registry,
+        )
         self.offsets_committed = Counter(
             "streamlearn_offset_commits_total", "Offset commits after a durable snapshot.", registry=registry
         )

@@ -337,14 +337,12 @@ class _ClassLabel(msgspec.Struct):
     weight: float = 1.0
 
 
-_DECODERS = {
-    "regression": msgspec.json.Decoder(_ValueLabel),
-    "classification": msgspec.json.Decoder(_ClassLabel),
-}
+_VALUE_LABEL: msgspec.json.Decoder[Any] = msgspec.json.Decoder(_ValueLabel)
+_CLASS_LABEL: msgspec.json.Decoder[Any] = msgspec.json.Decoder(_ClassLabel)
 
 
 def _fast_decoder(task: Task) -> msgspec.json.Decoder[Any]:
-    return _DECODERS["regression" if task == "regression" else "classification"]
+    return _VALUE_LABEL if task == "regression" else _CLASS_LABEL
 
 
 def _in_float32(array: np.ndarray) -> bool:

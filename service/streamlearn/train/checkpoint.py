@@ -71,6 +71,7 @@ class Checkpointer:
         dlq: DeadLetterQueue | None = None,
         interval_s: float = 2.0,
         timeout_s: float = 30.0,
+        settle: Callable[[], None] = lambda: None,
     ) -> None:
         self.model_name = model_name
         self.metrics = metrics
@@ -79,6 +80,7 @@ class Checkpointer:
         self.dlq = dlq
         self.interval_s = interval_s
         self.timeout_s = timeout_s  # for dead letters to be delivered, and for a forced checkpoint
+        self.settle = settle  # waits for the learning in flight: offsets and weights then agree
         self.writer = BackgroundWriter(store)
         self.pending: Pending | None = None
         self.dirty = False
@@ -109,6 +111,7 @@ class Checkpointer:
                 self._start()
             return not self.dirty and self.pending is None
         deadline = time.monotonic() + self.timeout_s
+        self.settle()
         if self.pending is not None:
             written = self._finish(consumer, wait=True, deadline=deadline, revoking=revoking)
             if self.pending is not None:
@@ -131,6 +134,7 @@ class Checkpointer:
 
     def _start(self) -> bool:
         """Begin writing a snapshot of the state now; False when its content cannot be taken."""
+        self.settle()
         offsets = dict(self.partitions.learned)
         try:
             tensors, meta = self.content(offsets)

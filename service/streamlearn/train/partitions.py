@@ -37,17 +37,11 @@ def position(message: Consumed) -> tuple[str, int, int]:
 
 
 class Partitions(Generic[M]):
-    """The partitions we own, the next position of each, and the offsets learned up to.
+    """The partitions we own, the next position of each, and the offsets learned up to."""
 
-    With `batch_size` (--deterministic), a batch is exactly the next `batch_size` records of one
-    partition, so batches are defined by offsets and do not depend on how messages arrive.
-    """
-
-    def __init__(self, learned: Offsets | None = None, batch_size: int | None = None) -> None:
+    def __init__(self, learned: Offsets | None = None) -> None:
         self.learned: Offsets = dict(learned or {})  # owned or not: a snapshot keeps them all
         self.positions: Offsets = {}  # next offset to take, per owned partition
-        self.batch_size = batch_size
-        self._buffers: dict[Key, list[M]] = {}
 
     @property
     def owned(self) -> set[Key]:
@@ -67,10 +61,9 @@ class Partitions(Generic[M]):
         return start if ours is not None else None
 
     def release(self, keys: Iterable[Key]) -> None:
-        """Stop owning partitions; an unfinished deterministic batch of theirs is dropped, not learned."""
+        """Stop owning partitions."""
         for key in keys:
             self.positions.pop(key, None)
-            self._buffers.pop(key, None)
 
     def take(self, messages: Sequence[M]) -> list[M]:
         """The polled messages to learn: from owned partitions only, and each only once."""
@@ -83,25 +76,11 @@ class Partitions(Generic[M]):
                 taken.append(message)
         return taken
 
-    def batches(self, taken: Sequence[M]) -> list[list[M]]:
-        """Taken messages as micro-batches: as they came, or offset-defined with `batch_size`."""
-        if self.batch_size is None:
-            return [list(taken)] if taken else []
-        for message in taken:
-            topic, partition, _ = position(message)
-            self._buffers.setdefault((topic, partition), []).append(message)
-        batches = []
-        for buffer in self._buffers.values():
-            while len(buffer) >= self.batch_size:
-                batches.append(buffer[: self.batch_size])
-                del buffer[: self.batch_size]
-        return batches
-
     def learned_through(self, batch: Sequence[Consumed]) -> None:
         """Record that a batch is learned (or dead-lettered): its offsets count as done."""
-        for message in batch:
-            topic, partition, offset = position(message)
-            self.learned[(topic, partition)] = offset + 1
+        learned = self.learned
+        for message in batch:  # a partition's messages are in offset order: the last one counts
+            learned[(message.topic(), message.partition())] = message.offset() + 1  # type: ignore[index,operator]
 
     def to_commit(self, keys: Iterable[Key] | None = None) -> Offsets:
         """Learned offsets of the partitions we own (of `keys` among them): all a commit may carry."""

@@ -1,28 +1,38 @@
-"""The trainer's run loop: poll -> take -> decode -> test-then-train -> checkpoint when due.
+"""The trainer's run loop: poll -> take -> order -> decode -> test-then-train -> checkpoint.
 
 Every snapshot records the next offset of each partition it learned from; on assignment the
 loop resumes there, so a restart neither skips nor repeats a record. Invalid records go to the
 dead-letter topic. A signal only flips `running`; the loop then finishes its micro-batch,
 checkpoints and leaves the group. The rules of what is taken and committed live in
-partitions.py, the order of a checkpoint in checkpoint.py, metrics and logs in telemetry.py.
+partitions.py, the order records are learned in order.py, the order of a checkpoint in
+checkpoint.py, metrics and logs in telemetry.py.
+
+Decoding and learning overlap on two threads: this loop decodes the next micro-batch while a
+learning thread tests and trains on the one before (torch releases the GIL in its kernels).
+At most MAX_IN_FLIGHT batches are handed over; a batch counts as learned (its offsets may be
+checkpointed) only once the learning thread is done with it, and every checkpoint, revoke and
+shutdown first waits for the batches in flight.
 """
 
 import logging
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from streamlearn import kafka
 from streamlearn.config import TrainSettings
 from streamlearn.errors import InvalidReason
 from streamlearn.metrics import TrainerMetrics
-from streamlearn.records import FeatureSpec, LabelSpec, RecordDecoder, Rejected
+from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec, RecordDecoder, Rejected
 from streamlearn.snapshots import Snapshot, open_store
 from streamlearn.train.checkpoint import Checkpointer, run_bounded
 from streamlearn.train.dlq import DeadLetterQueue, Source, already_dead_lettered
 from streamlearn.train.learner import Learner
+from streamlearn.train.order import Batching, EventTimeOrder, OffsetBatches
 from streamlearn.train.partitions import Partitions, position
 from streamlearn.train.telemetry import Telemetry
 from streamlearn.train.trainer import pick_device
@@ -32,6 +42,7 @@ log = logging.getLogger("streamlearn.train")
 # More unforeseen exceptions in a row than this is no poison record but a broken trainer (a bug
 # hit by every record, a failed device): the trainer stops rather than dead-letter the stream.
 MAX_INTERNAL_ERRORS = 1000
+MAX_IN_FLIGHT = 2  # micro-batches handed to the learning thread and not yet learned
 
 
 class Pipeline:
@@ -48,14 +59,19 @@ class Pipeline:
         labels = LabelSpec.create(s.task, s.classes, s.num_classes)
         features = FeatureSpec(s.n_features or len(s.feature_names), s.feature_names)
         self.decoder = RecordDecoder(labels, features if features.n_features else None, s.max_record_bytes)
-        self.partitions: Partitions[Message] = Partitions(
-            batch_size=s.batch_size if s.deterministic else None
-        )
+        self.partitions: Partitions[Message] = Partitions()
+        self.order: EventTimeOrder[Message] | None = None
+        if s.deterministic:  # batches defined by offsets, whatever order messages arrive in
+            self.batching: Batching[Message] = OffsetBatches(s.batch_size)
+        else:
+            self.batching = self.order = EventTimeOrder(s.batch_size, s.max_event_skew_ms)
         self.telemetry = Telemetry(metrics, s.drift_per_feature)
         self.learner = Learner(s, labels, self.device, self.telemetry)
+        self.learning = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learn")
+        self.in_flight: deque[tuple[list[Message], Future[None]]] = deque()
         self.checkpoints = Checkpointer(
             self.store, s.model_name, metrics, self.partitions, self.learner.content, None,
-            s.snapshot_interval_s, s.shutdown_timeout_s,
+            s.snapshot_interval_s, s.shutdown_timeout_s, settle=self.settle,
         )  # fmt: skip
         self.dlq: DeadLetterQueue | None = None
         self.dlq_marks: dict[int, int] = {}
@@ -110,6 +126,7 @@ class Pipeline:
         consumer = kafka.make_consumer(
             s.bootstrap, s.kafka, s.group, s.start_offset, s.session_timeout_ms, s.group_instance_id,
             on_error=self.telemetry.kafka_error, on_commit=self.telemetry.committed,
+            report_end=True,  # a partition at its end holds nobody back in event time
         )  # fmt: skip
         consumer.subscribe(
             [s.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
@@ -127,7 +144,7 @@ class Pipeline:
                 messages = consumer.consume(s.batch_size, timeout=s.max_batch_wait_ms / 1000)
                 self.process(messages)
                 self.checkpoints.commit(consumer)  # commits a written snapshot; starts one when due
-                self.telemetry.tick(self.records_learned, consumer, self.partitions)
+                self.telemetry.tick(self.records_learned, consumer, self.partitions, self.order)
         finally:
             self.shutdown()
 
@@ -141,6 +158,7 @@ class Pipeline:
         if consumer is None:
             return
         run_bounded(lambda: self.checkpoints.commit(consumer, force=True), timeout, "final checkpoint")
+        self.learning.shutdown(wait=False, cancel_futures=True)
         # Leaving the group revokes our partitions (static members keep theirs).
         run_bounded(consumer.close, timeout, "leaving the consumer group")
         self.consumer = None
@@ -150,30 +168,65 @@ class Pipeline:
         log.info("stopped after %d records learned", self.records_learned)
 
     def process(self, messages: Sequence[Message]) -> None:
-        """Learn whole micro-batches of polled messages, each one once, from owned partitions only."""
+        """Hand polled messages to learning, each once, from owned partitions only, oldest first."""
         readable = []
         for message in messages:
             error = kafka.message_error(message)
             if error is None:
                 readable.append(message)
+            elif error.code() == KafkaError._PARTITION_EOF:
+                if self.order is not None:
+                    self.order.reached_end((message.topic(), message.partition()))  # type: ignore[arg-type]
             else:
                 self.telemetry.kafka_error(error)
         taken = self.partitions.take(readable)
         self.metrics.records_consumed.inc(len(taken))
-        for batch in self.partitions.batches(taken):
-            self._learn_isolating(batch)
-            self.partitions.learned_through(batch)
+        for batch in self.batching.batches(taken):
+            self._hand_over(batch)
+        self._collect(keep=MAX_IN_FLIGHT)
+        if self.order is not None and self.consumer is not None:
+            self._flow(self.consumer, self.order)
+
+    def settle(self) -> None:
+        """Wait until every micro-batch handed over is learned: its offsets may then be checkpointed."""
+        self._collect(keep=0)
+
+    def _hand_over(self, messages: list[Message]) -> None:
+        """Decode a micro-batch here and have the learning thread learn it."""
+        if not self.decoder.fixed:  # the first valid record fixes the decoder: one at a time till then
+            self.settle()
+        try:
+            decoded: DecodedBatch | None = self.decoder.decode([m.value() for m in messages])
+        except Exception:  # a bug of ours; isolated on the learning thread, record by record
+            decoded = None
+        self._collect(keep=MAX_IN_FLIGHT - 1)
+        self.in_flight.append((messages, self.learning.submit(self._learn_isolating, messages, decoded)))
+
+    def _collect(self, keep: int) -> None:
+        """Account for learned batches, oldest first, until at most `keep` are in flight."""
+        while self.in_flight and (len(self.in_flight) > keep or self.in_flight[0][1].done()):
+            messages, future = self.in_flight.popleft()
+            future.result()  # re-raises what stopped a broken trainer
+            self.partitions.learned_through(messages)
             self.checkpoints.dirty = True
 
-    def _learn_isolating(self, messages: Sequence[Message]) -> None:
-        """Decode and learn the records; dead-letter the invalid ones.
+    def _flow(self, consumer: Consumer, order: "EventTimeOrder[Message]") -> None:
+        """Pause partitions that ran ahead in event time; resume them once the others caught up."""
+        pause, resume = order.flow()
+        if pause:
+            consumer.pause([TopicPartition(topic, partition) for topic, partition in pause])
+        if resume:
+            consumer.resume([TopicPartition(topic, partition) for topic, partition in resume])
+
+    def _learn_isolating(self, messages: Sequence[Message], decoded: DecodedBatch | None = None) -> None:
+        """Learn the records (decoding them unless `decoded`); dead-letter the invalid ones.
 
         A bug of ours must never turn one record into an outage: a batch whose decoding or
         learning raises an exception nobody foresaw is bisected until the record that raises is
         found, and that record is dead-lettered as internal_error; the others are learned.
         """
         try:
-            batch = self.decoder.decode([m.value() for m in messages])
+            batch = decoded if decoded is not None else self.decoder.decode([m.value() for m in messages])
             learned = True
             if len(batch):
                 assert self.decoder.features is not None  # fixed by the first valid record
@@ -232,6 +285,8 @@ class Pipeline:
             )
             if start is not None:
                 tp.offset = start
+        if self.order is not None:
+            self.order.assigned((tp.topic, tp.partition) for tp in partitions)
         consumer.incremental_assign(partitions)
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions))
 
@@ -244,11 +299,14 @@ class Pipeline:
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Another member may own these already: committing now could move its offsets backwards.
+        self.settle()  # what is in flight is learned; only what is not handed over yet is dropped
         self._release(consumer, partitions)
         log.warning("lost %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions))
 
     def _release(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.partitions.release((tp.topic, tp.partition) for tp in partitions)
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        self.partitions.release(keys)
+        self.batching.release(keys)
         for tp in partitions:
             self.telemetry.released(tp.partition)
         consumer.incremental_unassign(partitions)

@@ -14,6 +14,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.train.drift import DriftReport
+from streamlearn.train.order import EventTimeOrder
 from streamlearn.train.partitions import Partitions
 from streamlearn.train.trainer import WINDOWS, Trainer
 
@@ -85,14 +86,23 @@ class Telemetry:
         self.metrics.records_invalid.labels(reason).inc()
         self.limited.warning(reason, "invalid record at %s: %s: %s", where, reason, detail)
 
-    def tick(self, records_learned: int, consumer: Consumer | None, partitions: "Partitions[Any]") -> None:
-        """Once a second: the learning rate and each owned partition's lag."""
+    def tick(
+        self,
+        records_learned: int,
+        consumer: Consumer | None,
+        partitions: "Partitions[Any]",
+        order: "EventTimeOrder[Any] | None" = None,
+    ) -> None:
+        """Once a second: the learning rate, the event-time skew and each owned partition's lag."""
         now = time.monotonic()
         since, count = self._rate_mark
         if now - since < 1.0:
             return
         self.metrics.records_per_second.set((records_learned - count) / (now - since))
         self._rate_mark = (now, records_learned)
+        if order is not None:
+            self.metrics.event_time_skew.set(order.skew_ms() / 1000)
+            self.metrics.partitions_paused.set(order.paused)
         if consumer is None:
             return
         try:

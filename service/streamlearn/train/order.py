@@ -1,0 +1,194 @@
+"""In which order taken messages are learned: by event time across partitions, or by offsets.
+
+Kafka orders records only within a partition. After any backlog (a restart, an outage, a slow
+period) the consumer hands over one partition's chunk, then another's, so learning them as they
+come would learn a drifting stream out of time order. `EventTimeOrder` merges the owned
+partitions by the Kafka message timestamp instead, the way Kafka Streams' task idling and
+Flink's watermark alignment do:
+- a record is released once every partition still being read has reached its timestamp (the
+  watermark), so nothing older can still arrive;
+- a partition at its end (EOF), or one that has sent nothing for `max_skew_ms`, is idle and
+  holds nobody back;
+- a record older than the newest one taken by more than `max_skew_ms` is released regardless,
+  so a partition that cannot deliver delays learning by at most that skew;
+- a partition buffering BUFFER_RECORDS records or BUFFER_BYTES bytes is paused until it is
+  drained to half, so memory stays bounded while the others catch up.
+Within a partition, offsets are never reordered: a timestamp that goes backwards counts as its
+predecessor's. `OffsetBatches` (--deterministic) ignores time: a batch is exactly the next
+`batch_size` records of one partition, whatever order messages arrive in.
+Pure bookkeeping, no Kafka client: the loop pauses and resumes what `flow()` says.
+"""
+
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol
+
+import numpy as np
+
+from streamlearn.train.partitions import Consumed, Key, M, position
+
+NEVER = float("-inf")
+BUFFER_RECORDS, BUFFER_BYTES = 10_000, 32 << 20  # per partition, before it is paused
+
+
+class Batching(Protocol[M]):
+    """Turns taken messages into the micro-batches to learn, in the order to learn them."""
+
+    def batches(self, taken: Sequence[M]) -> list[list[M]]: ...
+    def release(self, keys: Iterable[Key]) -> None: ...
+
+
+class OffsetBatches(Generic[M]):
+    """Batches of exactly `batch_size` records of one partition, defined by offsets (--deterministic)."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self._buffers: dict[Key, list[M]] = {}
+
+    def batches(self, taken: Sequence[M]) -> list[list[M]]:
+        for message in taken:
+            topic, partition, _ = position(message)
+            self._buffers.setdefault((topic, partition), []).append(message)
+        batches = []
+        for buffer in self._buffers.values():
+            while len(buffer) >= self.batch_size:
+                batches.append(buffer[: self.batch_size])
+                del buffer[: self.batch_size]
+        return batches
+
+    def release(self, keys: Iterable[Key]) -> None:
+        """An unfinished batch of a partition we no longer own is dropped, not learned."""
+        for key in keys:
+            self._buffers.pop(key, None)
+
+
+class Timestamped(Consumed, Protocol):
+    def timestamp(self) -> tuple[int, int]: ...
+
+
+@dataclass
+class _Lane:
+    """One partition's taken, not yet released messages, and how far its event time has come."""
+
+    heard: float  # monotonic time of its last message or end of partition
+    messages: list[Timestamped] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # event time (ms), never decreasing
+    frontier: float = NEVER  # newest event time taken
+    bytes: int = 0  # value bytes buffered
+    at_end: bool = False
+    paused: bool = False
+
+
+class EventTimeOrder(Generic[M]):
+    """Releases taken messages in event-time order across partitions, with bounded buffering."""
+
+    def __init__(
+        self, batch_size: int, max_skew_ms: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.batch_size = batch_size
+        self.max_skew_ms = max_skew_ms
+        self.buffer_records = max(BUFFER_RECORDS, 4 * batch_size)
+        self.clock = clock
+        self._lanes: dict[Key, _Lane] = {}
+
+    # -- what the loop reports --------------------------------------------------------------
+
+    def assigned(self, keys: Iterable[Key]) -> None:
+        now = self.clock()
+        for key in keys:
+            self._lanes.setdefault(key, _Lane(heard=now))
+
+    def release(self, keys: Iterable[Key]) -> None:
+        """Forget partitions we no longer own; their unreleased messages are not learned."""
+        for key in keys:
+            self._lanes.pop(key, None)
+
+    def reached_end(self, key: Key) -> None:
+        lane = self._lanes.get(key)
+        if lane is not None:
+            lane.at_end, lane.heard = True, self.clock()
+
+    def batches(self, taken: Sequence[M]) -> list[list[M]]:
+        """Add the taken messages; the micro-batches that may be learned now, oldest first."""
+        self._add(taken)
+        ready = self._ready()
+        size = self.batch_size
+        return [ready[start : start + size] for start in range(0, len(ready), size)]
+
+    # -- what the loop asks -----------------------------------------------------------------
+
+    def flow(self) -> tuple[list[Key], list[Key]]:
+        """Partitions to pause (buffering too much) and to resume (drained to half)."""
+        pause, resume = [], []
+        for key, lane in self._lanes.items():
+            records, size = len(lane.messages), lane.bytes
+            if not lane.paused and (records >= self.buffer_records or size >= BUFFER_BYTES):
+                lane.paused = True
+                pause.append(key)
+            elif lane.paused and records <= self.buffer_records // 2 and size <= BUFFER_BYTES // 2:
+                lane.paused = False
+                resume.append(key)
+        return pause, resume
+
+    @property
+    def paused(self) -> int:
+        return sum(lane.paused for lane in self._lanes.values())
+
+    @property
+    def buffered(self) -> int:
+        return sum(len(lane.messages) for lane in self._lanes.values())
+
+    def skew_ms(self) -> float:
+        """How far the newest event time taken is ahead of the watermark (0 when nobody waits)."""
+        watermark, newest = self._watermark(), self._newest()
+        if watermark in (NEVER, float("inf")) or newest == NEVER:
+            return 0.0
+        return max(newest - watermark, 0.0)
+
+    # -- the rules --------------------------------------------------------------------------
+
+    def _add(self, taken: Sequence[M]) -> None:
+        now = self.clock()
+        for message in taken:
+            topic, partition, _ = position(message)
+            lane = self._lanes.get((topic, partition))
+            if lane is None:  # taken from a partition we own: assigned() was told
+                lane = self._lanes[(topic, partition)] = _Lane(heard=now)
+            kind, stamp = message.timestamp()  # type: ignore[attr-defined]
+            if kind != 0 and stamp > lane.frontier:  # 0: no timestamp; the predecessor's counts
+                lane.frontier = stamp
+            lane.messages.append(message)  # type: ignore[arg-type]
+            lane.times.append(lane.frontier)
+            lane.bytes += len(message.value() or b"")
+            lane.at_end, lane.heard = False, now
+
+    def _watermark(self) -> float:
+        """The event time every partition still being read has reached (+inf: none is read)."""
+        now, idle_s = self.clock(), self.max_skew_ms / 1000
+        waiting = [
+            lane.frontier
+            for lane in self._lanes.values()
+            if not lane.at_end and (lane.messages or now - lane.heard < idle_s)
+        ]
+        return min(waiting, default=float("inf"))
+
+    def _newest(self) -> float:
+        return max((lane.frontier for lane in self._lanes.values()), default=NEVER)
+
+    def _ready(self) -> list[M]:
+        limit = max(self._watermark(), self._newest() - self.max_skew_ms)
+        released: list[Timestamped] = []
+        times: list[float] = []
+        for lane in self._lanes.values():
+            count = bisect_right(lane.times, limit)
+            if count:
+                lane.bytes -= sum(len(m.value() or b"") for m in lane.messages[:count])
+                released += lane.messages[:count]
+                times += lane.times[:count]
+                del lane.messages[:count], lane.times[:count]
+        if not released:
+            return []
+        order = np.argsort(np.asarray(times), kind="stable")  # ties keep partition and offset order
+        return [released[i] for i in order]  # type: ignore[misc]

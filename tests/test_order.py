@@ -1,0 +1,196 @@
+"""The order taken messages are learned in: by event time across partitions, or by offsets."""
+
+from dataclasses import dataclass
+
+from streamlearn.train.order import BUFFER_RECORDS, EventTimeOrder, OffsetBatches
+from streamlearn.train.partitions import Partitions
+
+P0, P1, P2 = ("events", 0), ("events", 1), ("events", 2)
+
+
+@dataclass(frozen=True)
+class Msg:
+    """A consumed message (an in-process stand-in for confluent_kafka.Message)."""
+
+    partition_: int
+    offset_: int
+    ts: int | None = None  # event time, ms; None: the message carries no timestamp
+
+    def topic(self) -> str:
+        return "events"
+
+    def partition(self) -> int:
+        return self.partition_
+
+    def offset(self) -> int:
+        return self.offset_
+
+    def value(self) -> bytes:
+        return b"{}"
+
+    def timestamp(self) -> tuple[int, int]:
+        return (0, -1) if self.ts is None else (1, self.ts)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def lane(partition: int, times: list[int | None], first_offset: int = 0) -> list[Msg]:
+    return [Msg(partition, first_offset + i, ts) for i, ts in enumerate(times)]
+
+
+def learned(order: EventTimeOrder, *fetches: list[Msg]) -> list[tuple[int, int]]:
+    """(partition, offset) of every message released, in the order released."""
+    out = []
+    for fetch in fetches:
+        out += [(m.partition_, m.offset_) for batch in order.batches(fetch) for m in batch]
+    return out
+
+
+def timeline(order: EventTimeOrder, *fetches: list[Msg]) -> list[int | None]:
+    out = []
+    for fetch in fetches:
+        out += [m.ts for batch in order.batches(fetch) for m in batch]
+    return out
+
+
+def make(max_skew_ms: int = 10_000, batch_size: int = 4, partitions=(P0, P1)) -> tuple[EventTimeOrder, Clock]:
+    clock = Clock()
+    order: EventTimeOrder = EventTimeOrder(batch_size, max_skew_ms, clock=clock)
+    order.assigned(partitions)
+    return order, clock
+
+
+# -- event time ---------------------------------------------------------------------------------
+
+
+def test_chunks_of_several_partitions_are_learned_in_event_time_order():
+    order, _ = make()
+    # one partition's chunk, then the other's: what a consumer hands over after a backlog
+    released = timeline(order, lane(0, [0, 2, 4, 6, 8]), lane(1, [1, 3, 5, 7, 9]), lane(0, [10, 12], 5))
+
+    assert released == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]  # 10 and 12 wait: partition 1 may still send 10
+
+
+def test_nothing_is_released_before_every_partition_being_read_has_reached_it():
+    order, _ = make()
+
+    assert learned(order, lane(0, [5, 6, 7])) == []  # partition 1 has sent nothing yet
+    assert learned(order, lane(1, [6])) == [(0, 0), (0, 1), (1, 0)]
+    assert order.skew_ms() == 1  # partition 0 is 1 ms ahead of the watermark
+
+
+def test_micro_batches_hold_at_most_batch_size_records():
+    order, _ = make(batch_size=3)
+    order.reached_end(P1)
+
+    batches = order.batches(lane(0, list(range(8))))
+
+    assert [len(b) for b in batches] == [3, 3, 2]
+
+
+def test_a_timestamp_that_goes_back_never_reorders_its_partition():
+    order, _ = make()
+    order.reached_end(P1)
+
+    released = learned(order, lane(0, [5, 3, None, 9, 1]))
+
+    assert released == [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4)]
+
+
+# -- idle, slow and lagging partitions -------------------------------------------------------------
+
+
+def test_a_partition_at_its_end_holds_nobody_back_until_it_sends_again():
+    order, _ = make()
+    order.reached_end(P1)
+
+    assert learned(order, lane(0, [1, 2, 3])) == [(0, 0), (0, 1), (0, 2)]
+    assert learned(order, lane(1, [4]), lane(0, [5], 3)) == [(1, 0)]  # partition 1 is read again
+    assert learned(order, lane(1, [6], 1)) == [(0, 3)]  # 6 waits for partition 0 to pass 5
+
+
+def test_a_partition_that_sends_nothing_holds_learning_back_at_most_the_skew_bound():
+    order, clock = make(max_skew_ms=2_000)
+
+    assert learned(order, lane(0, [1, 2])) == []
+    clock.now += 1.9
+    assert learned(order, []) == []
+    clock.now += 0.2  # 2.1 s without a word from partition 1: idle
+    assert learned(order, []) == [(0, 0), (0, 1)]
+
+
+def test_records_older_than_the_newest_by_more_than_the_skew_bound_are_learned_regardless():
+    order, _ = make(max_skew_ms=100)
+
+    released = timeline(order, lane(1, [1_000]), lane(0, [850, 920, 990, 1_050]))
+
+    # partition 1 has reached 1,000 and partition 0 1,050, so both may pass 1,000; before that,
+    # 850 and 920 were more than 100 ms behind the newest (1,000 then 1,050) anyway
+    assert released == [850, 920, 990, 1_000]
+    assert order.skew_ms() == 50
+
+
+def test_a_lagging_partition_is_caught_up_first_without_reordering_the_others():
+    order, _ = make(partitions=(P0, P1, P2))
+    # partitions 0 and 1 are live around t=1000; partition 2 delivers a backlog from t=100 on
+    first = timeline(order, lane(0, [1_000, 1_002]), lane(1, [1_001, 1_003]), lane(2, [100, 200, 300]))
+    rest = timeline(order, lane(2, [400, 999, 1_001], 3), lane(0, [1_004], 2), lane(1, [1_005], 2))
+
+    assert first == [100, 200, 300]
+    assert rest == [400, 999, 1_000, 1_001, 1_001]  # partition 2 has reached 1,001 now
+
+
+def test_a_partition_far_ahead_is_paused_until_the_others_catch_up():
+    order, _ = make()
+    ahead = lane(0, list(range(1_000, 1_000 + BUFFER_RECORDS)))
+
+    assert learned(order, ahead) == []  # partition 1 is at 0: everything of partition 0 waits
+    assert order.flow() == ([P0], [])
+    assert order.flow() == ([], [])  # paused once
+    learned(order, lane(1, [*range(1_000), 1_000 + BUFFER_RECORDS // 2]))
+    assert order.flow() == ([], [P0])  # drained to half: fetch it again
+    assert order.buffered <= BUFFER_RECORDS // 2
+
+
+def test_a_released_partition_is_forgotten_and_holds_nobody_back():
+    order, _ = make()
+    learned(order, lane(1, [5]))
+    order.release([P1])
+
+    assert learned(order, lane(0, [1, 9])) == [(0, 0), (0, 1)]
+    assert order.buffered == 0
+
+
+# -- --deterministic: batches defined by offsets ------------------------------------------------------
+
+
+def test_deterministic_batches_are_defined_by_offsets_not_by_how_messages_arrive():
+    def batches_for(fetches: list[list[Msg]]) -> list[list[int]]:
+        partitions: Partitions[Msg] = Partitions()
+        partitions.assign(P0, committed=0)
+        batching: OffsetBatches[Msg] = OffsetBatches(4)
+        out = []
+        for fetch in fetches:
+            out += [[m.offset_ for m in batch] for batch in batching.batches(partitions.take(fetch))]
+        return out
+
+    at_once = batches_for([lane(0, [0] * 12)])
+    trickled = batches_for([lane(0, [0] * 3), lane(0, [0] * 2, 3), lane(0, [0] * 8, 5)])
+
+    assert at_once == trickled == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+
+
+def test_an_unfinished_deterministic_batch_of_a_revoked_partition_is_dropped_not_learned():
+    batching: OffsetBatches[Msg] = OffsetBatches(4)
+    assert batching.batches(lane(0, [0] * 3)) == []
+    batching.release([P0])
+
+    batches = batching.batches(lane(0, [0] * 4))
+
+    assert [[m.offset_ for m in b] for b in batches] == [[0, 1, 2, 3]]
