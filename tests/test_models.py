@@ -143,3 +143,23 @@ def test_a_spec_of_the_first_snapshot_format_still_loads():
         spec.mismatch(ModelSpec.from_dict({**old, "hidden": [8]}))
         == "binary/mlp hidden=[8], not binary/mlp hidden=[8, 4]"
     )
+
+
+def test_the_normalizer_standardizes_with_its_current_statistics_after_every_change():
+    rng = np.random.default_rng(3)
+    norm, other = Normalizer(4), Normalizer(4)
+    x = torch.from_numpy(rng.normal(5, 3, size=(64, 4)).astype(np.float32))
+
+    def expected(n: Normalizer) -> torch.Tensor:
+        std = torch.sqrt(n.m2 / n.count + n.eps)
+        return ((x.double() - n.mean) / std).float()
+
+    assert torch.equal(norm(x), x)  # nothing seen: the identity
+    norm.update(x[:32])
+    first = norm(x)
+    assert torch.allclose(first, expected(norm), atol=1e-5)
+    norm.update(x[32:] * 10)  # in place: the next call sees the new statistics
+    assert torch.allclose(norm(x), expected(norm), atol=1e-5) and not torch.allclose(norm(x), first)
+    other.update(x[:32])
+    norm.load_state_dict(other.state_dict())  # a restored snapshot
+    assert torch.allclose(norm(x), first, atol=1e-6)

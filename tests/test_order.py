@@ -59,9 +59,9 @@ def timeline(order: EventTimeOrder, *fetches: list[Msg]) -> list[int | None]:
     return out
 
 
-def make(max_skew_ms: int = 10_000, batch_size: int = 4, partitions=(P0, P1)) -> tuple[EventTimeOrder, Clock]:
+def make(max_wait_ms: int = 10_000, batch_size: int = 4, partitions=(P0, P1)) -> tuple[EventTimeOrder, Clock]:
     clock = Clock()
-    order: EventTimeOrder = EventTimeOrder(batch_size, max_skew_ms, clock=clock)
+    order: EventTimeOrder = EventTimeOrder(batch_size, max_wait_ms, clock=clock)
     order.assigned(partitions)
     return order, clock
 
@@ -85,9 +85,17 @@ def test_nothing_is_released_before_every_partition_being_read_has_reached_it():
     assert order.skew_ms() == 1  # partition 0 is 1 ms ahead of the watermark
 
 
+def test_a_first_fetch_spanning_a_long_time_waits_for_the_other_partitions():
+    order, clock = make(max_wait_ms=2_000)
+
+    assert learned(order, lane(0, list(range(0, 600_000, 1_000)))) == []  # 10 minutes of event time
+    clock.now += 1.0
+    assert timeline(order, lane(1, [500])) == [0, 500]
+
+
 def test_micro_batches_hold_at_most_batch_size_records():
     order, _ = make(batch_size=3)
-    order.reached_end(P1)
+    order.reached_end(P1, 0)
 
     batches = order.batches(lane(0, list(range(8))))
 
@@ -96,7 +104,7 @@ def test_micro_batches_hold_at_most_batch_size_records():
 
 def test_a_timestamp_that_goes_back_never_reorders_its_partition():
     order, _ = make()
-    order.reached_end(P1)
+    order.reached_end(P1, 0)
 
     released = learned(order, lane(0, [5, 3, None, 9, 1]))
 
@@ -108,32 +116,29 @@ def test_a_timestamp_that_goes_back_never_reorders_its_partition():
 
 def test_a_partition_at_its_end_holds_nobody_back_until_it_sends_again():
     order, _ = make()
-    order.reached_end(P1)
+    order.reached_end(P1, 0)  # empty
 
     assert learned(order, lane(0, [1, 2, 3])) == [(0, 0), (0, 1), (0, 2)]
     assert learned(order, lane(1, [4]), lane(0, [5], 3)) == [(1, 0)]  # partition 1 is read again
     assert learned(order, lane(1, [6], 1)) == [(0, 3)]  # 6 waits for partition 0 to pass 5
 
 
-def test_a_partition_that_sends_nothing_holds_learning_back_at_most_the_skew_bound():
-    order, clock = make(max_skew_ms=2_000)
+def test_an_end_reported_before_the_last_messages_are_handed_over_still_counts():
+    order, _ = make()
+    order.reached_end(P1, 3)  # the end event came with the poll that also brought offsets 0..2
+
+    assert learned(order, lane(1, [1, 2, 3]), lane(0, [5])) == [(1, 0), (1, 1), (1, 2), (0, 0)]
+    assert learned(order, lane(1, [6], 3)) == []  # past the end: partition 1 is read again
+
+
+def test_a_partition_that_sends_nothing_holds_learning_back_at_most_the_wait_bound():
+    order, clock = make(max_wait_ms=2_000)
 
     assert learned(order, lane(0, [1, 2])) == []
     clock.now += 1.9
     assert learned(order, []) == []
     clock.now += 0.2  # 2.1 s without a word from partition 1: idle
     assert learned(order, []) == [(0, 0), (0, 1)]
-
-
-def test_records_older_than_the_newest_by_more_than_the_skew_bound_are_learned_regardless():
-    order, _ = make(max_skew_ms=100)
-
-    released = timeline(order, lane(1, [1_000]), lane(0, [850, 920, 990, 1_050]))
-
-    # partition 1 has reached 1,000 and partition 0 1,050, so both may pass 1,000; before that,
-    # 850 and 920 were more than 100 ms behind the newest (1,000 then 1,050) anyway
-    assert released == [850, 920, 990, 1_000]
-    assert order.skew_ms() == 50
 
 
 def test_a_lagging_partition_is_caught_up_first_without_reordering_the_others():

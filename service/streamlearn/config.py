@@ -187,13 +187,13 @@ class TrainSettings(_TrainerMetricsPort, _Snapshots, _DeadLetters, _Kafka):
     max_batch_wait_ms: int = Field(
         50, ge=1, le=60_000, description="Longest wait for a micro-batch to fill before learning from it."
     )
-    max_event_skew_ms: int = Field(
-        5000,
+    max_order_wait_ms: int = Field(
+        3000,
         ge=0,
-        le=3_600_000,
-        description="Records are learned in event-time order across partitions; a partition that "
-        "falls silent, or lags the newest record by more than this, stops holding the others back "
-        "(0: learn records as they arrive). Ignored with --deterministic.",
+        le=600_000,
+        description="Records are learned in event-time order across partitions; a partition with "
+        "nothing buffered that sends nothing for this long stops holding the others back (0: never "
+        "wait for a silent partition). Ignored with --deterministic.",
     )
     snapshot_interval_s: float = Field(2.0, gt=0, description="Seconds between snapshots.")
     keep_snapshots: int = Field(10, ge=1, description="Newest snapshots kept per model.")

@@ -97,8 +97,8 @@ class TrainerMetrics:
         )
         self.event_time_skew = Gauge(
             "streamlearn_event_time_skew_seconds",
-            "How far the newest record taken runs ahead, in event time, of the oldest partition still "
-            "being read; records past it wait, up to --max-event-skew-ms.",
+            "How far the newest record taken runs ahead, in event time, of the partitions still being "
+            "read: records newer than the slowest of them wait for it (up to --max-order-wait-ms).",
             registry=registry,
         )
         self.partitions_paused = Gauge(

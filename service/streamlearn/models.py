@@ -125,10 +125,19 @@ class Normalizer(nn.Module):
         self.count.copy_(total)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.count < 2:
-            return x - self.mean.to(x.dtype)
-        std = torch.sqrt(self.m2 / self.count + self.eps)
-        return (x - self.mean.to(x.dtype)) / std.to(x.dtype)
+        shift, scale = self._affine(x.dtype)
+        return x - shift if scale is None else (x - shift) / scale
+
+    def _affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """The mean and standard deviation in `dtype`, computed once per change of the statistics."""
+        stats = (self.count, self.mean, self.m2)  # replaced by .to(), changed in place by updates
+        key = (*(id(t) for t in stats), *(t._version for t in stats), self.mean.device, dtype)
+        cached = getattr(self, "_cached", None)
+        if cached is None or cached[0] != key:
+            shift = self.mean.to(dtype)
+            scale = torch.sqrt(self.m2 / self.count + self.eps).to(dtype) if self.count >= 2 else None
+            cached = self._cached = (key, shift, scale)
+        return cached[1], cached[2]
 
 
 class TaskHead(ABC):

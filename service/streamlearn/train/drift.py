@@ -115,6 +115,9 @@ class PageHinkley:
         self.last_statistic = 0.0
 
 
+COMPARE_BUDGET = 4_000_000  # values x edges compared at once when binning a batch
+
+
 class Histograms:
     """Per-feature binned distributions: a frozen reference and a faded recent window."""
 
@@ -151,11 +154,19 @@ class Histograms:
         self.warmup = []
 
     def _counts(self, x: np.ndarray) -> np.ndarray:
-        assert self.edges is not None
-        counts = np.zeros((x.shape[1], self.n_bins))
-        for j in range(x.shape[1]):  # one searchsorted per feature: vectorised over the batch
-            bins = np.searchsorted(self.edges[j], x[:, j], side="right")
-            counts[j] = np.bincount(bins, minlength=self.n_bins)
+        """[d, n_bins] counts of each feature's values per bin: one comparison over the batch."""
+        edges = self.edges
+        assert edges is not None
+        n, d = x.shape
+        counts = np.empty((d, self.n_bins))
+        step = max(1, COMPARE_BUDGET // max(n * edges.shape[1], 1))  # features per chunk
+        for start in range(0, d, step):  # one chunk for any usual width; bounded memory for wide ones
+            part = edges[start : start + step]
+            bins = (x[:, start : start + step, None] >= part[None]).sum(axis=2)  # [n, chunk]
+            flat = bins + np.arange(len(part)) * self.n_bins  # bin index per feature, made unique
+            counts[start : start + step] = np.bincount(
+                flat.ravel(), minlength=len(part) * self.n_bins
+            ).reshape(len(part), self.n_bins)
         return counts
 
     def scores(self) -> tuple[np.ndarray, np.ndarray] | None:

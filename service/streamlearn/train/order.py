@@ -7,10 +7,12 @@ partitions by the Kafka message timestamp instead, the way Kafka Streams' task i
 Flink's watermark alignment do:
 - a record is released once every partition still being read has reached its timestamp (the
   watermark), so nothing older can still arrive;
-- a partition at its end (EOF), or one that has sent nothing for `max_skew_ms`, is idle and
-  holds nobody back;
-- a record older than the newest one taken by more than `max_skew_ms` is released regardless,
-  so a partition that cannot deliver delays learning by at most that skew;
+- a partition at its end (EOF) holds nobody back;
+- a partition with nothing buffered that has sent nothing for `max_wait_ms` is idle and holds
+  nobody back either, so a partition that cannot deliver delays learning by at most that long
+  (Kafka Streams' max.task.idle.ms). The bound is on wall-clock time on purpose: in a backlog,
+  event time stops advancing while one partition is silent, and one partition's first fetch can
+  span more event time than any sensible bound before the others have answered;
 - a partition buffering BUFFER_RECORDS records or BUFFER_BYTES bytes is paused until it is
   drained to half, so memory stays bounded while the others catch up.
 Within a partition, offsets are never reordered: a timestamp that goes backwards counts as its
@@ -77,18 +79,24 @@ class _Lane:
     times: list[float] = field(default_factory=list)  # event time (ms), never decreasing
     frontier: float = NEVER  # newest event time taken
     bytes: int = 0  # value bytes buffered
-    at_end: bool = False
+    next_offset: int = 0  # after the last message taken
+    end: int = -1  # where the partition's end was last reported (-1: not yet)
     paused: bool = False
+
+    @property
+    def at_end(self) -> bool:
+        """Everything up to the reported end is taken: nothing is known to be on its way."""
+        return self.end >= self.next_offset
 
 
 class EventTimeOrder(Generic[M]):
     """Releases taken messages in event-time order across partitions, with bounded buffering."""
 
     def __init__(
-        self, batch_size: int, max_skew_ms: int, clock: Callable[[], float] = time.monotonic
+        self, batch_size: int, max_wait_ms: int, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.batch_size = batch_size
-        self.max_skew_ms = max_skew_ms
+        self.max_wait_ms = max_wait_ms
         self.buffer_records = max(BUFFER_RECORDS, 4 * batch_size)
         self.clock = clock
         self._lanes: dict[Key, _Lane] = {}
@@ -105,10 +113,11 @@ class EventTimeOrder(Generic[M]):
         for key in keys:
             self._lanes.pop(key, None)
 
-    def reached_end(self, key: Key) -> None:
+    def reached_end(self, key: Key, offset: int) -> None:
+        """The consumer reached the end of a partition, at `offset` (the end event's offset)."""
         lane = self._lanes.get(key)
         if lane is not None:
-            lane.at_end, lane.heard = True, self.clock()
+            lane.end, lane.heard = offset, self.clock()
 
     def batches(self, taken: Sequence[M]) -> list[list[M]]:
         """Add the taken messages; the micro-batches that may be learned now, oldest first."""
@@ -152,7 +161,7 @@ class EventTimeOrder(Generic[M]):
     def _add(self, taken: Sequence[M]) -> None:
         now = self.clock()
         for message in taken:
-            topic, partition, _ = position(message)
+            topic, partition, offset = position(message)
             lane = self._lanes.get((topic, partition))
             if lane is None:  # taken from a partition we own: assigned() was told
                 lane = self._lanes[(topic, partition)] = _Lane(heard=now)
@@ -162,11 +171,11 @@ class EventTimeOrder(Generic[M]):
             lane.messages.append(message)  # type: ignore[arg-type]
             lane.times.append(lane.frontier)
             lane.bytes += len(message.value() or b"")
-            lane.at_end, lane.heard = False, now
+            lane.next_offset, lane.heard = offset + 1, now
 
     def _watermark(self) -> float:
         """The event time every partition still being read has reached (+inf: none is read)."""
-        now, idle_s = self.clock(), self.max_skew_ms / 1000
+        now, idle_s = self.clock(), self.max_wait_ms / 1000
         waiting = [
             lane.frontier
             for lane in self._lanes.values()
@@ -178,7 +187,7 @@ class EventTimeOrder(Generic[M]):
         return max((lane.frontier for lane in self._lanes.values()), default=NEVER)
 
     def _ready(self) -> list[M]:
-        limit = max(self._watermark(), self._newest() - self.max_skew_ms)
+        limit = self._watermark()
         released: list[Timestamped] = []
         times: list[float] = []
         for lane in self._lanes.values():

@@ -15,6 +15,7 @@ shutdown first waits for the batches in flight.
 """
 
 import logging
+import os
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,6 +56,8 @@ class Pipeline:
         self.device = pick_device(s.device)  # --device cuda without one: ConfigError
         if s.deterministic:
             torch.use_deterministic_algorithms(True)
+        if self.device.type == "cpu":  # one core stays with the loop that polls and decodes
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
         self.store = open_store(s.snapshot_dir, s.keep_snapshots)
         labels = LabelSpec.create(s.task, s.classes, s.num_classes)
         features = FeatureSpec(s.n_features or len(s.feature_names), s.feature_names)
@@ -64,7 +67,7 @@ class Pipeline:
         if s.deterministic:  # batches defined by offsets, whatever order messages arrive in
             self.batching: Batching[Message] = OffsetBatches(s.batch_size)
         else:
-            self.batching = self.order = EventTimeOrder(s.batch_size, s.max_event_skew_ms)
+            self.batching = self.order = EventTimeOrder(s.batch_size, s.max_order_wait_ms)
         self.telemetry = Telemetry(metrics, s.drift_per_feature)
         self.learner = Learner(s, labels, self.device, self.telemetry)
         self.learning = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learn")
@@ -175,8 +178,8 @@ class Pipeline:
             if error is None:
                 readable.append(message)
             elif error.code() == KafkaError._PARTITION_EOF:
-                if self.order is not None:
-                    self.order.reached_end((message.topic(), message.partition()))  # type: ignore[arg-type]
+                if self.order is not None:  # reported whether its last messages were seen or not
+                    self.order.reached_end(*_end_of(message))
             else:
                 self.telemetry.kafka_error(error)
         taken = self.partitions.take(readable)
@@ -310,3 +313,9 @@ class Pipeline:
         for tp in partitions:
             self.telemetry.released(tp.partition)
         consumer.incremental_unassign(partitions)
+
+
+def _end_of(event: Message) -> tuple[tuple[str, int], int]:
+    """The partition an end-of-partition event is about, and the offset of its end."""
+    topic, partition, offset = position(event)
+    return (topic, partition), offset
