@@ -5,7 +5,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import bench_freshness
+import bench_ingest
 import bench_learning
+import bench_order
 import bench_pipeline
 import bench_restart
 import bench_serving
@@ -18,10 +21,13 @@ def main() -> None:
     sections = [
         *bench_training.main(),
         *bench_pipeline.main(),
+        *bench_ingest.main(),
         *bench_restart.main(),
         *bench_serving.main(),
         *bench_snapshots.main(),
         *bench_learning.main(),
+        *bench_order.main(),
+        *bench_freshness.main(),
     ]
     header = (
         "# Benchmarks\n\nWritten by `make bench` (bench/run_all.py); numbers from one run on "

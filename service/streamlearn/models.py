@@ -116,8 +116,8 @@ class Normalizer(nn.Module):
         n_b = batch.shape[0]
         if n_b == 0:
             return
-        mean_b = batch.mean(dim=0)
-        m2_b = ((batch - mean_b) ** 2).sum(dim=0)
+        var_b, mean_b = torch.var_mean(batch, dim=0, correction=0)
+        m2_b = var_b * n_b
         total = self.count + n_b
         delta = mean_b - self.mean
         self.mean += delta * (n_b / total)

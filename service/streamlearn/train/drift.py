@@ -119,7 +119,12 @@ COMPARE_BUDGET = 4_000_000  # values x edges compared at once when binning a bat
 
 
 class Histograms:
-    """Per-feature binned distributions: a frozen reference and a faded recent window."""
+    """Per-feature binned distributions: a frozen reference and a faded recent window.
+
+    Records are binned in chunks of at least window / 4 (a few micro-batches): a feature's
+    distribution moves over thousands of records, and binning per micro-batch cost more than
+    the training step of a small model.
+    """
 
     def __init__(self, n_bins: int = 10, window: int = 2000) -> None:
         self.n_bins = n_bins
@@ -128,6 +133,7 @@ class Histograms:
         self.reference: np.ndarray | None = None  # [d, n_bins] proportions
         self.recent: np.ndarray | None = None  # [d, n_bins] faded counts
         self.warmup: list[np.ndarray] = []
+        self.pending: list[np.ndarray] = []  # records not binned yet
 
     def update(self, x: np.ndarray) -> None:
         if self.edges is None:
@@ -135,8 +141,13 @@ class Histograms:
             if sum(len(b) for b in self.warmup) >= self.window:
                 self.freeze(np.concatenate(self.warmup))
             return
-        counts = self._counts(x)
-        keep = (1 - 1 / self.window) ** len(x)
+        self.pending.append(x)
+        if sum(len(b) for b in self.pending) < self.window // 4:
+            return
+        chunk = np.concatenate(self.pending) if len(self.pending) > 1 else x
+        self.pending = []
+        counts = self._counts(chunk)
+        keep = (1 - 1 / self.window) ** len(chunk)
         self.recent = counts if self.recent is None else keep * self.recent + counts
 
     def freeze(self, sample: np.ndarray) -> None:
@@ -146,12 +157,12 @@ class Histograms:
         counts = self._counts(sample)
         self.reference = counts / counts.sum(axis=1, keepdims=True)
         self.recent = None
-        self.warmup = []
+        self.warmup, self.pending = [], []
 
     def restart(self) -> None:
         """Build a new reference from the records that come next."""
         self.edges = self.reference = self.recent = None
-        self.warmup = []
+        self.warmup, self.pending = [], []
 
     def _counts(self, x: np.ndarray) -> np.ndarray:
         """[d, n_bins] counts of each feature's values per bin: one comparison over the batch."""
@@ -173,10 +184,14 @@ class Histograms:
         """Per-feature PSI and binned KS statistic, once both windows have enough data."""
         if self.reference is None or self.recent is None or self.recent.sum(axis=1).min() < self.window / 4:
             return None
+        cached = getattr(self, "_scored", None)
+        if cached is not None and cached[0] is self.recent:  # nothing binned since
+            return cached[1]
         recent = self.recent / self.recent.sum(axis=1, keepdims=True)
         p, q = np.clip(self.reference, EPS, None), np.clip(recent, EPS, None)
         psi = ((q - p) * np.log(q / p)).sum(axis=1)
         ks = np.abs(np.cumsum(self.reference, axis=1) - np.cumsum(recent, axis=1)).max(axis=1)
+        self._scored = (self.recent, (psi, ks))
         return psi, ks
 
 

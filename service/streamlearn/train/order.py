@@ -32,7 +32,7 @@ import numpy as np
 from streamlearn.train.partitions import Consumed, Key, M, position
 
 NEVER = float("-inf")
-BUFFER_RECORDS, BUFFER_BYTES = 10_000, 32 << 20  # per partition, before it is paused
+BUFFER_RECORDS, BUFFER_BYTES = 100_000, 64 << 20  # per partition, before it is paused
 
 
 class Batching(Protocol[M]):

@@ -26,6 +26,7 @@ WINDOWS = (1_000, 10_000)  # records, for the fading prequential averages
 BOOST_FACTOR, BOOST_RECORDS = 3.0, 2_000  # --on-drift boost-lr: this much faster, for this many records
 
 
+MODAL = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
 FUSED = {"sgd", "adam", "adamw"}  # one kernel per step on CPU and CUDA instead of a loop in Python
 
 
@@ -140,13 +141,17 @@ class Trainer:
         self.skipped_batches = 0
         self.boost_left = 0  # records left at a boosted learning rate after a drift
         self.classification = model.spec.labels.task != "regression"
+        # Only dropout and batch norm behave differently in training; without them, switching
+        # modes each step would cost a walk over every module for nothing.
+        self.modal = any(isinstance(m, MODAL) for m in model.modules())
 
     def step(self, batch: DecodedBatch) -> StepResult:
         x, y, w = (self._to_device(a) for a in (batch.features, batch.labels, batch.weights))
         model = self.model
 
         # 1. test: predict with the model as it stands, before it sees these labels
-        model.eval()
+        if self.modal:
+            model.eval()
         with torch.no_grad():
             before = model(x)
             test_loss = model.loss(before, y, w)
@@ -160,7 +165,8 @@ class Trainer:
         saved_normalizer = {k: v.clone() for k, v in model.normalizer.state_dict().items()}
         try:
             model.normalizer.update(x)
-            model.train()
+            if self.modal:
+                model.train()
             self.optimizer.zero_grad(set_to_none=True)
             loss = model.loss(model(x), y, w)
             loss.backward()
