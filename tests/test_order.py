@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from streamlearn.train.order import BUFFER_RECORDS, EventTimeOrder, OffsetBatches
+from streamlearn.train.order import BUFFER_RECORDS, RELEASE_BATCHES, EventTimeOrder, OffsetBatches
 from streamlearn.train.partitions import Partitions
 
 P0, P1, P2 = ("events", 0), ("events", 1), ("events", 2)
@@ -44,19 +44,21 @@ def lane(partition: int, times: list[int | None], first_offset: int = 0) -> list
     return [Msg(partition, first_offset + i, ts) for i, ts in enumerate(times)]
 
 
+def released(order: EventTimeOrder, fetch: list[Msg]) -> list[Msg]:
+    """What the loop learns after a poll: its batches, and those of the polls without waiting."""
+    out = [m for batch in order.batches(fetch) for m in batch]
+    while order.more_ready:
+        out += [m for batch in order.batches([]) for m in batch]
+    return out
+
+
 def learned(order: EventTimeOrder, *fetches: list[Msg]) -> list[tuple[int, int]]:
     """(partition, offset) of every message released, in the order released."""
-    out = []
-    for fetch in fetches:
-        out += [(m.partition_, m.offset_) for batch in order.batches(fetch) for m in batch]
-    return out
+    return [(m.partition_, m.offset_) for fetch in fetches for m in released(order, fetch)]
 
 
 def timeline(order: EventTimeOrder, *fetches: list[Msg]) -> list[int | None]:
-    out = []
-    for fetch in fetches:
-        out += [m.ts for batch in order.batches(fetch) for m in batch]
-    return out
+    return [m.ts for fetch in fetches for m in released(order, fetch)]
 
 
 def make(max_wait_ms: int = 10_000, batch_size: int = 4, partitions=(P0, P1)) -> tuple[EventTimeOrder, Clock]:
@@ -100,6 +102,18 @@ def test_micro_batches_hold_at_most_batch_size_records():
     batches = order.batches(lane(0, list(range(8))))
 
     assert [len(b) for b in batches] == [3, 3, 2]
+
+
+def test_a_watermark_that_jumps_releases_a_few_batches_per_poll_oldest_first():
+    order, _ = make(batch_size=4)
+    learned(order, lane(0, list(range(0, 400, 2))))  # waits for partition 1
+    cap = RELEASE_BATCHES * 4
+
+    first = [m.ts for batch in order.batches(lane(1, list(range(1, 401, 2)))) for m in batch]
+
+    assert first == list(range(cap)) and order.more_ready
+    assert timeline(order, []) == list(range(cap, 399))  # 399 waits: partition 0 may send 399
+    assert not order.more_ready
 
 
 def test_a_timestamp_that_goes_back_never_reorders_its_partition():

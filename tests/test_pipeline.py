@@ -137,3 +137,52 @@ def test_scores_of_a_snapshot_that_held_an_infinite_loss_load_afresh():
     )
 
     assert scores.records == 5 and scores.loss_sum == 0.0 and scores.faded_loss == {}
+
+
+def test_a_batch_whose_learning_fails_stops_the_trainer_and_nothing_after_it_counts(pipeline, monkeypatch):
+    learn = pipeline._learn_isolating
+    calls = []
+
+    def failing_first(messages, decoded=None):
+        calls.append(len(messages))
+        if len(calls) == 1:
+            raise RuntimeError("the device is gone")
+        return learn(messages, decoded)
+
+    monkeypatch.setattr(pipeline, "_learn_isolating", failing_first)
+    with pytest.raises(RuntimeError, match="device is gone"):
+        pipeline.process(records(512))  # two micro-batches handed over; the first fails
+        pipeline.settle()
+    pipeline.settle()  # whatever was handed over after it is discarded, never counted as learned
+
+    assert pipeline.partitions.learned == {}
+    assert pipeline.checkpoints.halted
+    assert pipeline.checkpoints.commit(None, force=True) is False
+    assert pipeline.store.load_latest("default") is None  # nothing saved after the failure
+
+
+class Consumer:
+    """The calls a release makes on the Kafka consumer (an in-process seam)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list]] = []
+
+    def resume(self, partitions) -> None:
+        self.calls.append(("resume", [tp.partition for tp in partitions]))
+
+    def incremental_unassign(self, partitions) -> None:
+        self.calls.append(("unassign", [tp.partition for tp in partitions]))
+
+
+def test_a_paused_partition_is_resumed_before_it_is_given_up(pipeline):
+    from confluent_kafka import TopicPartition
+
+    pipeline.order.assigned([(TOPIC, 0), (TOPIC, 1)])
+    pipeline.order._lanes[(TOPIC, 1)].paused = True  # it ran ahead while partition 0 lagged
+    consumer = Consumer()
+
+    pipeline._release(consumer, [TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)])
+
+    # librdkafka keeps a pause across unassign and assign: a partition given back to us later
+    # would never be fetched again
+    assert consumer.calls == [("resume", [1]), ("unassign", [0, 1])]

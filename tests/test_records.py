@@ -316,13 +316,22 @@ NEAR_VALID = st.tuples(
         st.sampled_from([0, 1, 2, 3, -1, True, False, "a", "b", "0", "c", 1.0, 0.5, None]), JSON_NUMBERS
     ),
     st.one_of(st.none(), JSON_NUMBERS, st.sampled_from([0, 0.0, -0.0, 2.5, True, "1"])),
+    # what a producer may put in fields the record contract ignores
+    st.one_of(
+        JSON_VALUES.map(_dump).map(str.encode),
+        st.sampled_from([b'"\xff"', b'"\\ud800"', b"9" * 5000, b"-" + b"9" * 5000, b"1e999", b"NaN"]),
+        st.sampled_from([10, 600, 1100, 3000]).map(lambda n: b"[" * n + b"]" * n),
+        st.binary(max_size=6).map(lambda junk: b'"' + junk + b'"'),
+    ),
 ).map(
     lambda f: (
-        "{"
-        + f'"features":{_dump(f[0])},"label":{_dump(f[1])}'
-        + ("" if f[2] is None else f',"weight":{_dump(f[2])}')
-        + ',"ts":1,"id":"r"}'
-    ).encode()
+        b"{"
+        + f'"features":{_dump(f[0])},"label":{_dump(f[1])}'.encode()
+        + (b"" if f[2] is None else f',"weight":{_dump(f[2])}'.encode())
+        + b',"ts":1,"id":"r","extra":'
+        + f[3]
+        + b"}"
+    )
 )
 
 
@@ -378,3 +387,25 @@ def test_one_bad_record_sends_its_batch_through_the_per_record_path_with_exact_r
     assert [(r.index, r.reason) for r in batch.rejected] == [
         (1, InvalidReason.BAD_FEATURES), (2, InvalidReason.UNKNOWN_CLASS), (3, InvalidReason.WRONG_LENGTH)
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b'"\xff"',
+        b'"\xed\xa0\x80"',
+        b'"\\ud800"',
+        b"9" * 5000,
+        b"-" + b"9" * 5000,
+        b"1e999",
+        b"[" * 3000 + b"]" * 3000,
+    ],
+    ids=["not-utf8", "surrogate-bytes", "surrogate-escape", "huge-int", "huge-negative", "inf", "deep"],
+)
+def test_a_field_the_contract_ignores_gets_the_same_verdict_on_both_paths(extra):
+    value = b'{"features": [1, 2, 3], "label": 1, "extra": ' + extra + b"}"
+    decoder = RecordDecoder(BINARY, THREE)
+
+    fast, exact = decoder._decode_fast([value, value]), decoder._decode_exact([value, value])
+
+    assert fast is None or (exact.rejected == [] and len(fast) == 2), exact.rejected

@@ -229,9 +229,18 @@ def _parse_lenient(value: bytes) -> Any:
         raise InvalidRecord(InvalidReason.NOT_UTF8, "value is not UTF-8") from None
     try:
         # Python's json accepts NaN and Infinity, which orjson rejects; they fail later as non_finite.
-        return json.loads(text)
+        # An integer too long for Python to parse is beyond float32 anyway: a stand-in that is too
+        # large keeps it from costing the record when it is in a field we ignore.
+        return json.loads(text, parse_int=_integer)
     except (ValueError, RecursionError) as exc:
         raise InvalidRecord(InvalidReason.BAD_JSON, f"value is not JSON: {str(exc)[:80]}") from None
+
+
+TOO_LARGE = 10**40  # beyond float32's range
+
+
+def _integer(digits: str) -> int:
+    return int(digits) if len(digits) <= 4000 else TOO_LARGE if digits[0] != "-" else -TOO_LARGE
 
 
 class RecordDecoder:
@@ -259,6 +268,10 @@ class RecordDecoder:
     def _decode_fast(self, values: Sequence[bytes | None]) -> DecodedBatch | None:
         """The whole batch at once, or None when some record breaks the contract (or may)."""
         if not all(values) or max(map(len, values)) > self.max_bytes:  # type: ignore[arg-type]
+            return None
+        try:  # msgspec skips the fields it does not read without checking their bytes
+            b"".join(values).decode("utf-8")  # type: ignore[arg-type]
+        except UnicodeDecodeError:
             return None
         assert self.features is not None
         decode = _fast_decoder(self.labels.task).decode

@@ -81,6 +81,7 @@ class Checkpointer:
         self.interval_s = interval_s
         self.timeout_s = timeout_s  # for dead letters to be delivered, and for a forced checkpoint
         self.settle = settle  # waits for the learning in flight: offsets and weights then agree
+        self.halted = False  # learning failed: weights and offsets may disagree, so nothing is saved
         self.writer = BackgroundWriter(store)
         self.pending: Pending | None = None
         self.dirty = False
@@ -101,8 +102,11 @@ class Checkpointer:
         start the next one when it is due; never waits. With force (revoke, shutdown): the
         state learned so far is snapshotted within `timeout_s`, then its offsets (only the
         revoked partitions' when revoking) are committed synchronously. Returns whether the
-        learned state is durable.
+        learned state is durable. Once halted, nothing more is saved or committed: a restart
+        resumes from the newest snapshot, whose weights and offsets agree.
         """
+        if self.halted:
+            return False
         if not force:
             if self._finish(consumer, wait=False) is False:
                 self.dirty = True  # the write failed: try again at the next interval

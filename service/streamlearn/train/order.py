@@ -32,7 +32,8 @@ import numpy as np
 from streamlearn.train.partitions import Consumed, Key, M, position
 
 NEVER = float("-inf")
-BUFFER_RECORDS, BUFFER_BYTES = 100_000, 64 << 20  # per partition, before it is paused
+RELEASE_BATCHES = 8  # micro-batches released per poll at most
+BUFFER_RECORDS, BUFFER_BYTES = 20_000, 16 << 20  # per partition, before it is paused
 
 
 class Batching(Protocol[M]):
@@ -100,6 +101,7 @@ class EventTimeOrder(Generic[M]):
         self.buffer_records = max(BUFFER_RECORDS, 4 * batch_size)
         self.clock = clock
         self._lanes: dict[Key, _Lane] = {}
+        self.more_ready = False  # the last release was capped: poll without waiting
 
     # -- what the loop reports --------------------------------------------------------------
 
@@ -137,13 +139,16 @@ class EventTimeOrder(Generic[M]):
                 lane.paused = True
                 pause.append(key)
             elif lane.paused and records <= self.buffer_records // 2 and size <= BUFFER_BYTES // 2:
-                lane.paused = False
+                lane.paused, lane.heard = False, self.clock()  # silent from now on only if it stays so
                 resume.append(key)
         return pause, resume
 
     @property
     def paused(self) -> int:
         return sum(lane.paused for lane in self._lanes.values())
+
+    def paused_keys(self) -> list[Key]:
+        return [key for key, lane in self._lanes.items() if lane.paused]
 
     @property
     def buffered(self) -> int:
@@ -187,17 +192,34 @@ class EventTimeOrder(Generic[M]):
         return max((lane.frontier for lane in self._lanes.values()), default=NEVER)
 
     def _ready(self) -> list[M]:
-        limit = self._watermark()
-        released: list[Timestamped] = []
+        """The released messages, oldest first: at most RELEASE_BATCHES micro-batches a call, so
+        a watermark that jumps far (a lagging partition reached its end) never keeps the loop
+        from polling and checkpointing."""
+        limit, cap = self._watermark(), RELEASE_BATCHES * self.batch_size
+        lanes = [
+            (lane, count)
+            for lane in self._lanes.values()
+            if (count := min(bisect_right(lane.times, limit), cap))
+        ]
+        self.more_ready = False
+        if not lanes:
+            return []
+        candidates: list[Timestamped] = []
         times: list[float] = []
-        for lane in self._lanes.values():
-            count = bisect_right(lane.times, limit)
+        for lane, count in lanes:
+            candidates += lane.messages[:count]
+            times += lane.times[:count]
+        # a stable sort keeps each partition's offset order, so what is released of a
+        # partition is a prefix of its buffer
+        order = np.argsort(np.asarray(times), kind="stable")
+        if len(order) > cap:
+            order, self.more_ready = order[:cap], True
+        released = [candidates[i] for i in order]
+        per_lane = np.bincount(
+            np.repeat(np.arange(len(lanes)), [c for _, c in lanes])[order], minlength=len(lanes)
+        )
+        for (lane, _), count in zip(lanes, per_lane.tolist(), strict=True):
             if count:
                 lane.bytes -= sum(len(m.value() or b"") for m in lane.messages[:count])
-                released += lane.messages[:count]
-                times += lane.times[:count]
                 del lane.messages[:count], lane.times[:count]
-        if not released:
-            return []
-        order = np.argsort(np.asarray(times), kind="stable")  # ties keep partition and offset order
-        return [released[i] for i in order]  # type: ignore[misc]
+        return released  # type: ignore[return-value]

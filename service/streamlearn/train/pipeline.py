@@ -57,7 +57,7 @@ class Pipeline:
         if s.deterministic:
             torch.use_deterministic_algorithms(True)
         if self.device.type == "cpu":  # one core stays with the loop that polls and decodes
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
+            torch.set_num_threads(max(1, _cores() - 1))
         self.store = open_store(s.snapshot_dir, s.keep_snapshots)
         labels = LabelSpec.create(s.task, s.classes, s.num_classes)
         features = FeatureSpec(s.n_features or len(s.feature_names), s.feature_names)
@@ -144,7 +144,8 @@ class Pipeline:
         log.info("training %s on %s from %s (device %s)", s.model_name, s.topic, s.bootstrap, self.device)
         try:
             while self.running:
-                messages = consumer.consume(s.batch_size, timeout=s.max_batch_wait_ms / 1000)
+                more = self.order is not None and self.order.more_ready  # learn those before waiting
+                messages = consumer.consume(s.batch_size, timeout=0 if more else s.max_batch_wait_ms / 1000)
                 self.process(messages)
                 self.checkpoints.commit(consumer)  # commits a written snapshot; starts one when due
                 self.telemetry.tick(self.records_learned, consumer, self.partitions, self.order)
@@ -206,10 +207,22 @@ class Pipeline:
         self.in_flight.append((messages, self.learning.submit(self._learn_isolating, messages, decoded)))
 
     def _collect(self, keep: int) -> None:
-        """Account for learned batches, oldest first, until at most `keep` are in flight."""
+        """Account for learned batches, oldest first, until at most `keep` are in flight.
+
+        A batch whose learning failed stops the trainer: it and every batch after it stay
+        unlearned as far as offsets go, and no checkpoint is taken any more (the weights may
+        hold batches after it), so a restart resumes at the newest snapshot's offsets.
+        """
         while self.in_flight and (len(self.in_flight) > keep or self.in_flight[0][1].done()):
             messages, future = self.in_flight.popleft()
-            future.result()  # re-raises what stopped a broken trainer
+            if self.checkpoints.halted:
+                future.cancel()
+                continue
+            try:
+                future.result()
+            except BaseException:
+                self.checkpoints.halted = True
+                raise
             self.partitions.learned_through(messages)
             self.checkpoints.dirty = True
 
@@ -308,11 +321,22 @@ class Pipeline:
 
     def _release(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
+        if self.order is not None:  # librdkafka keeps a pause across unassign and assign
+            paused = set(self.order.paused_keys())
+            resume = [tp for tp in partitions if (tp.topic, tp.partition) in paused]
+            if resume:
+                consumer.resume(resume)
         self.partitions.release(keys)
         self.batching.release(keys)
         for tp in partitions:
             self.telemetry.released(tp.partition)
         consumer.incremental_unassign(partitions)
+
+
+def _cores() -> int:
+    """The cores this process may run on (all of the machine's where the OS does not say)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
 def _end_of(event: Message) -> tuple[tuple[str, int], int]:
