@@ -8,6 +8,7 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from streamlearn.config import TrainSettings
@@ -22,6 +23,10 @@ from streamlearn.train.telemetry import Telemetry
 from streamlearn.train.trainer import Trainer, make_optimizer
 
 log = logging.getLogger("streamlearn.train")
+
+# The drift detectors see the records learned in chunks of at least this many: a detection comes
+# at most this many records late, and watching costs a fraction of a small model's step.
+DRIFT_RECORDS = 1024
 
 
 class Learner:
@@ -38,6 +43,7 @@ class Learner:
         self.drift: DriftMonitor | None = None
         self.events: list[dict[str, Any]] = []  # the newest drift detections, kept in snapshots
         self.records_learned = 0
+        self.unwatched: list[tuple[Any, Any, Any]] = []  # learned, not yet seen by the drift detectors
 
     def restore(self, snapshot: Snapshot, features: FeatureSpec | None) -> FeatureSpec | None:
         """Continue from a snapshot; the feature vector it fixes (None before its first record)."""
@@ -105,9 +111,15 @@ class Learner:
         self.drift = DriftMonitor(names, task, outputs, s.drift_psi_threshold, s.drift_window)
 
     def _watch_drift(self, batch: DecodedBatch, errors: Any) -> None:
+        """Feed the drift detectors, DRIFT_RECORDS records at a time: their cost is per call."""
         assert self.drift is not None and self.trainer is not None
+        self.unwatched.append((batch.features, batch.labels, errors))
+        if sum(len(labels) for _, labels, _ in self.unwatched) < DRIFT_RECORDS:
+            return
+        features, labels, errors = (np.concatenate(parts) for parts in zip(*self.unwatched, strict=True))
+        self.unwatched = []
         response = self.settings.on_drift
-        report = self.drift.update(batch.features, batch.labels, errors)
+        report = self.drift.update(features, labels, errors)
         event = None
         if report.detected:
             event = {

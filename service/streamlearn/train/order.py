@@ -33,7 +33,7 @@ from streamlearn.train.partitions import Consumed, Key, M, position
 
 NEVER = float("-inf")
 RELEASE_BATCHES = 8  # micro-batches released per poll at most
-BUFFER_RECORDS, BUFFER_BYTES = 20_000, 16 << 20  # per partition, before it is paused
+BUFFER_RECORDS, BUFFER_BYTES = 30_000, 16 << 20  # per partition, before it is paused
 
 
 class Batching(Protocol[M]):
