@@ -116,6 +116,17 @@ def test_a_watermark_that_jumps_releases_a_few_batches_per_poll_oldest_first():
     assert not order.more_ready
 
 
+def test_in_a_backlog_only_whole_micro_batches_are_released():
+    order, _ = make(batch_size=4)
+    order.reached_end(P1, 0)
+
+    backlog = order.batches(lane(0, list(range(10))), backlog=True)  # the poll came back full
+    caught_up = order.batches([], backlog=False)  # a poll that waited and found less
+
+    assert [[m.ts for m in b] for b in backlog] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [[m.ts for m in b] for b in caught_up] == [[8, 9]]
+
+
 def test_a_timestamp_that_goes_back_never_reorders_its_partition():
     order, _ = make()
     order.reached_end(P1, 0)

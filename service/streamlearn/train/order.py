@@ -39,7 +39,7 @@ BUFFER_RECORDS, BUFFER_BYTES = 30_000, 16 << 20  # per partition, before it is p
 class Batching(Protocol[M]):
     """Turns taken messages into the micro-batches to learn, in the order to learn them."""
 
-    def batches(self, taken: Sequence[M]) -> list[list[M]]: ...
+    def batches(self, taken: Sequence[M], backlog: bool = False) -> list[list[M]]: ...
     def release(self, keys: Iterable[Key]) -> None: ...
 
 
@@ -50,7 +50,7 @@ class OffsetBatches(Generic[M]):
         self.batch_size = batch_size
         self._buffers: dict[Key, list[M]] = {}
 
-    def batches(self, taken: Sequence[M]) -> list[list[M]]:
+    def batches(self, taken: Sequence[M], backlog: bool = False) -> list[list[M]]:
         for message in taken:
             topic, partition, _ = position(message)
             self._buffers.setdefault((topic, partition), []).append(message)
@@ -121,10 +121,14 @@ class EventTimeOrder(Generic[M]):
         if lane is not None:
             lane.end, lane.heard = offset, self.clock()
 
-    def batches(self, taken: Sequence[M]) -> list[list[M]]:
-        """Add the taken messages; the micro-batches that may be learned now, oldest first."""
+    def batches(self, taken: Sequence[M], backlog: bool = False) -> list[list[M]]:
+        """Add the taken messages; the micro-batches that may be learned now, oldest first.
+
+        In a `backlog` (the poll came back full), only whole micro-batches are released, as a
+        single partition's polls would give them; the rest waits for the next poll.
+        """
         self._add(taken)
-        ready = self._ready()
+        ready = self._ready(whole=backlog)
         size = self.batch_size
         return [ready[start : start + size] for start in range(0, len(ready), size)]
 
@@ -191,7 +195,7 @@ class EventTimeOrder(Generic[M]):
     def _newest(self) -> float:
         return max((lane.frontier for lane in self._lanes.values()), default=NEVER)
 
-    def _ready(self) -> list[M]:
+    def _ready(self, whole: bool = False) -> list[M]:
         """The released messages, oldest first: at most RELEASE_BATCHES micro-batches a call, so
         a watermark that jumps far (a lagging partition reached its end) never keeps the loop
         from polling and checkpointing."""
@@ -214,6 +218,8 @@ class EventTimeOrder(Generic[M]):
         order = np.argsort(np.asarray(times), kind="stable")
         if len(order) > cap:
             order, self.more_ready = order[:cap], True
+        elif whole:
+            order = order[: len(order) - len(order) % self.batch_size]
         released = [candidates[i] for i in order]
         per_lane = np.bincount(
             np.repeat(np.arange(len(lanes)), [c for _, c in lanes])[order], minlength=len(lanes)

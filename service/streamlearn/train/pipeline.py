@@ -185,7 +185,8 @@ class Pipeline:
                 self.telemetry.kafka_error(error)
         taken = self.partitions.take(readable)
         self.metrics.records_consumed.inc(len(taken))
-        for batch in self.batching.batches(taken):
+        backlog = len(messages) >= self.settings.batch_size  # more is waiting: learn whole batches
+        for batch in self.batching.batches(taken, backlog):
             self._hand_over(batch)
         self._collect(keep=MAX_IN_FLIGHT)
         if self.order is not None and self.consumer is not None:
