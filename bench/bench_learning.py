@@ -15,7 +15,8 @@ from common import table
 from streamlearn.dev.streams import records
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import LabelSpec, RecordDecoder
-from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
+from streamlearn.train.optim import OptimizerSettings, make_optimizer
+from streamlearn.train.trainer import Trainer, pick_device
 
 N_RECORDS = 20_000
 DRIFT_EVERY = 5_000
@@ -38,7 +39,9 @@ def streamlearn_accuracy(name: str, arch: str, batch_size: int) -> float:
                 {"hidden": [64, 64]} if arch == "mlp" else {},
             )
             model = build_model(spec)
-            trainer = Trainer(model, make_optimizer("adam", model, 0.005), pick_device("cpu"))
+            trainer = Trainer(
+                model, make_optimizer(model, OptimizerSettings("adam", 0.005)), pick_device("cpu")
+            )
         trainer.step(batch)
     assert trainer is not None
     return trainer.scores.accuracy

@@ -16,7 +16,8 @@ from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
 from streamlearn.snapshots import LocalSnapshotStore, SnapshotStore
 from streamlearn.train.checkpoint import snapshot_content
-from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
+from streamlearn.train.optim import OptimizerSettings, make_optimizer
+from streamlearn.train.trainer import Trainer, pick_device
 
 REQUESTS = 2000
 RELOADS = 30
@@ -25,7 +26,7 @@ SPEC = ModelSpec(LabelSpec.create("binary"), FeatureSpec(10), "mlp", {"hidden": 
 
 def make_trainer() -> Trainer:
     model = build_model(SPEC)
-    trainer = Trainer(model, make_optimizer("adam", model, 0.005), pick_device("cpu"))
+    trainer = Trainer(model, make_optimizer(model, OptimizerSettings("adam", 0.005)), pick_device("cpu"))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 10)).astype(np.float32)
     trainer.step(DecodedBatch(x, (x[:, 0] > 0).astype(np.float32), np.ones(256, np.float32)))

@@ -9,7 +9,8 @@ from common import table
 from streamlearn.dev.streams import records
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import FeatureSpec, LabelSpec, RecordDecoder
-from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
+from streamlearn.train.optim import OptimizerSettings, make_optimizer
+from streamlearn.train.trainer import Trainer, pick_device
 
 N_RECORDS = 50_000
 BATCH_SIZES = (64, 256, 1024)
@@ -52,7 +53,7 @@ def bench_steps() -> str:
             {"hidden": list(hidden)} if arch == "mlp" else {},
         )
         model = build_model(spec)
-        trainer = Trainer(model, make_optimizer("adam", model, 0.005), pick_device("cpu"))
+        trainer = Trainer(model, make_optimizer(model, OptimizerSettings("adam", 0.005)), pick_device("cpu"))
         started = time.perf_counter()
         for batch in batches:
             trainer.step(batch)

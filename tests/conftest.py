@@ -15,7 +15,8 @@ from streamlearn.config import TrainSettings
 from streamlearn.dev.broker import free_port
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
-from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
+from streamlearn.train.optim import OptimizerSettings, make_optimizer
+from streamlearn.train.trainer import Trainer, pick_device
 
 
 def make_spec(task: str = "binary", n_features: int = 3, arch: str = "linear", **labels) -> ModelSpec:
@@ -47,7 +48,9 @@ def make_trainer() -> Callable[..., Trainer]:
         task: str = "binary", arch: str = "linear", lr: float = 0.05, optimizer: str = "adam", **kw
     ) -> Trainer:
         model = build_model(make_spec(task, arch=arch))
-        return Trainer(model, make_optimizer(optimizer, model, lr), pick_device("cpu"), **kw)
+        return Trainer(
+            model, make_optimizer(model, OptimizerSettings(optimizer, lr)), pick_device("cpu"), **kw
+        )
 
     return factory
 

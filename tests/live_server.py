@@ -11,7 +11,8 @@ from pathlib import Path
 from streamlearn.dev.broker import free_port
 from streamlearn.models import build_model
 from streamlearn.snapshots import LocalSnapshotStore
-from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
+from streamlearn.train.optim import OptimizerSettings, make_optimizer
+from streamlearn.train.trainer import Trainer, pick_device
 
 from .conftest import concept_batch, make_spec, wait_for, write_snapshot
 
@@ -19,7 +20,7 @@ from .conftest import concept_batch, make_spec, wait_for, write_snapshot
 def write_trained_model(snapshot_dir: Path, name: str = "default") -> None:
     """A binary classifier on 3 features, trained a little, as the snapshot of `name`."""
     model = build_model(make_spec("binary", 3, "linear", classes=("no", "yes")))
-    trainer = Trainer(model, make_optimizer("adam", model, 0.05), pick_device("cpu"))
+    trainer = Trainer(model, make_optimizer(model, OptimizerSettings("adam", 0.05)), pick_device("cpu"))
     for seed in range(3):
         trainer.step(concept_batch(64, "binary", 3, seed=seed))
     write_snapshot(LocalSnapshotStore(snapshot_dir), name, trainer, records=192)

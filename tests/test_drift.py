@@ -10,7 +10,8 @@ from streamlearn.dev.streams import records
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import LabelSpec, RecordDecoder
 from streamlearn.train.drift import Adwin, DriftMonitor, PageHinkley
-from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
+from streamlearn.train.optim import OptimizerSettings, make_optimizer
+from streamlearn.train.trainer import Trainer, pick_device
 
 BATCH = 256
 DELAY_BOUND = 2 * BATCH  # records after an abrupt switch of the error rate 0.1 -> 0.4
@@ -79,7 +80,9 @@ def test_concept_drift_in_the_sea_stream_is_caught_after_the_switch_and_not_befo
         batch = decoder.decode(stream[start : start + BATCH])
         if trainer is None:
             model = build_model(ModelSpec(info_labels, decoder.features, "mlp", {"hidden": [32]}))
-            trainer = Trainer(model, make_optimizer("adam", model, 0.01), pick_device("cpu"))
+            trainer = Trainer(
+                model, make_optimizer(model, OptimizerSettings("adam", 0.01)), pick_device("cpu")
+            )
         result = trainer.step(batch)
         report = monitor.update(batch.features, batch.labels, result.errors)
         detections += [(start + BATCH, name) for name in report.concept]

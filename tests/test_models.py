@@ -137,7 +137,7 @@ def test_a_spec_of_the_first_snapshot_format_still_loads():
         "seed": 1,
     }
     spec = ModelSpec.from_dict(old)
-    assert spec.args == {"hidden": [8, 4]} and spec.seed == 1
+    assert spec.args == {"hidden": [8, 4], "dropout": 0.0} and spec.seed == 1  # arguments added later default
     assert ModelSpec.from_dict({**old, "arch": "linear"}).args == {}
     assert (
         spec.mismatch(ModelSpec.from_dict({**old, "hidden": [8]}))

@@ -91,11 +91,11 @@ def test_a_record_that_makes_learning_raise_is_isolated_by_bisection(pipeline, m
     step = pipeline.learner.trainer.step
     stepped: list[int] = []
 
-    def fragile_step(batch):
+    def fragile_step(batch, pressed=None):
         stepped.append(len(batch))
         if (batch.features == np.float32(1234.5)).any():
             raise ZeroDivisionError("a bug of ours")
-        return step(batch)
+        return step(batch, pressed)
 
     monkeypatch.setattr(pipeline.learner.trainer, "step", fragile_step)
     batch = records(40)

@@ -17,14 +17,15 @@ from streamlearn.errors import ConfigError
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import FeatureSpec, LabelSpec
 from streamlearn.snapshots import LocalSnapshotStore, open_store
-from streamlearn.train.trainer import Trainer, make_optimizer, pick_device
+from streamlearn.train.optim import OptimizerSettings, make_optimizer
+from streamlearn.train.trainer import Trainer, pick_device
 
 from .conftest import concept_batch, new_bucket, start_s3_server, wait_for, write_snapshot
 
 
 def trained(spec: ModelSpec, steps: int = 5) -> Trainer:
     model = build_model(spec)
-    trainer = Trainer(model, make_optimizer("adam", model, 0.05), pick_device("cpu"))
+    trainer = Trainer(model, make_optimizer(model, OptimizerSettings("adam", 0.05)), pick_device("cpu"))
     task = spec.labels.task
     for seed in range(steps):
         trainer.step(concept_batch(64, task, spec.features.n_features, seed=seed))
@@ -270,7 +271,11 @@ def test_a_non_finite_output_is_a_422_never_a_null(client, store, task):
     model = build_model(ModelSpec(LabelSpec.create(task), FeatureSpec(3), "linear"))
     with torch.no_grad():
         model.linear.weight.fill_(1e30)  # finite weights, an output beyond float32 for large features
-    write_snapshot(store, "default", Trainer(model, make_optimizer("sgd", model, 0.1), pick_device("cpu")))
+    write_snapshot(
+        store,
+        "default",
+        Trainer(model, make_optimizer(model, OptimizerSettings("sgd", 0.1)), pick_device("cpu")),
+    )
     wait_for(lambda: client.get("/readyz").status_code == 200)
     response = predict(client, [[1e-30, 0, 0], [1e10, 1e10, 1e10]])
     assert response.status_code == 422

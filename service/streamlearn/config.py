@@ -17,6 +17,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Task = Literal["regression", "binary", "multiclass"]
 StreamName = Literal["sea", "hyperplane", "friedman", "blobs"]
+# The training losses of each task, its default first.
+LOSSES: dict[str, tuple[str, ...]] = {
+    "regression": ("mse", "huber"),
+    "binary": ("log", "focal"),
+    "multiclass": ("cross-entropy", "focal"),
+}
 KAFKA_ENV_PREFIX = "STREAMLEARN_KAFKA_"
 NOT_A_FLAG: dict[str, Any] = {"cli": False}  # fields the CLI does not offer as flags
 
@@ -179,9 +185,51 @@ class TrainSettings(_TrainerMetricsPort, _Snapshots, _DeadLetters, _Kafka):
     hidden: Annotated[tuple[int, ...], NoDecode] = Field(
         (64, 64), description="Hidden layer widths of the MLP, comma-separated."
     )
-    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = Field("adam", description="Optimizer.")
-    lr: float = Field(0.005, gt=0, le=10, description="Learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout rate after each hidden layer of the MLP.")
+    step_policy: Literal["auto", "small", "large"] = Field(
+        "auto",
+        description="Optimizer steps per micro-batch: small steps of --sub-batch-size records, one "
+        "step per micro-batch (large), or auto: small steps while the stream leaves time, the rest "
+        "of a micro-batch in one step once the next one is waiting (small with --deterministic).",
+    )
+    sub_batch_size: int = Field(32, ge=1, le=100_000, description="Records per small optimizer step.")
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop", "adagrad", "radam"] = Field(
+        "adam", description="Optimizer."
+    )
+    lr: float = Field(0.01, gt=0, le=10, description="Learning rate.")
+    momentum: float = Field(0.0, ge=0, lt=1, description="Momentum of sgd and rmsprop.")
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd, with --momentum).")
+    weight_decay: float = Field(
+        0.0, ge=0, description="L2 weight decay (decoupled, as AdamW has it, with adamw)."
+    )
+    l1: float = Field(0.0, ge=0, description="L1 penalty on the weights (not the biases), added to the loss.")
+    lr_schedule: Literal["constant", "inverse-sqrt", "cyclic", "cosine-restarts"] = Field(
+        "constant", description="Learning-rate schedule, counted in records learned (see README)."
+    )
+    lr_schedule_records: int = Field(
+        10_000, ge=1, description="Period of the learning-rate schedule, in records."
+    )
+    lr_schedule_floor: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="Lowest learning-rate factor of the cyclic and cosine-restarts schedules.",
+    )
+    loss: Literal["mse", "huber", "log", "focal", "cross-entropy"] | None = Field(
+        None,
+        description="Training loss: mse or huber (regression), log or focal (binary), cross-entropy "
+        "or focal (multiclass); default: mse, log, cross-entropy.",
+    )
+    huber_delta: float = Field(1.0, gt=0, description="Where the huber loss turns from squared to linear.")
+    focal_gamma: float = Field(2.0, ge=0, description="Focusing exponent of the focal loss.")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="Label smoothing of the multiclass cross-entropy."
+    )
+    class_weighting: Literal["none", "balanced"] = Field(
+        "none",
+        description="balanced: weigh each record by the inverse of its class's recent frequency "
+        "(classification), so rare classes count as much as common ones.",
+    )
     clip_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm to this value.")
     batch_size: int = Field(256, ge=1, le=100_000, description="Largest micro-batch, in records.")
     max_batch_wait_ms: int = Field(
@@ -279,6 +327,15 @@ class TrainSettings(_TrainerMetricsPort, _Snapshots, _DeadLetters, _Kafka):
             raise ValueError("--task regression takes no classes")
         if self.feature_names and self.n_features not in (None, len(self.feature_names)):
             raise ValueError("--feature-names and --n-features disagree")
+        if self.loss is not None and self.loss not in LOSSES[self.task]:
+            fitting = ", ".join(LOSSES[self.task])
+            raise ValueError(f"--loss {self.loss} does not fit --task {self.task} ({fitting})")
+        if self.label_smoothing and (self.task != "multiclass" or self.loss == "focal"):
+            raise ValueError("--label-smoothing applies to the multiclass cross-entropy only")
+        if self.nesterov and (self.optimizer != "sgd" or not self.momentum):
+            raise ValueError("--nesterov needs --optimizer sgd and a --momentum")
+        if self.class_weighting == "balanced" and self.task == "regression":
+            raise ValueError("--class-weighting balanced needs classes (binary or multiclass)")
         return self
 
 

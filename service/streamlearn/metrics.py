@@ -37,8 +37,14 @@ class TrainerMetrics:
             self.records_invalid.labels(reason.value)  # export zeros so rate() works from the start
         self.batches_skipped = Counter(
             "streamlearn_batches_skipped_total",
-            "Micro-batches (or halves of one, while isolating the record responsible) not learned "
-            "because their loss or gradient was not finite.",
+            "Micro-batches (or parts of one, while isolating the record responsible) not wholly "
+            "learned because a loss or gradient was not finite.",
+            registry=registry,
+        )
+        self.optimizer_steps = Counter(
+            "streamlearn_optimizer_steps_total",
+            "Optimizer steps taken; divided by records trained, the steps per record the step "
+            "policy chose (more while the stream leaves time, fewer in a backlog).",
             registry=registry,
         )
         self.prequential_loss = Gauge(

@@ -54,7 +54,9 @@ class ModelSpec:
         return None
 
     def describe(self) -> str:
-        args = "".join(f" {name}={value}" for name, value in sorted(self.args.items()))
+        defaults = architecture(self.arch).defaults if self.arch in ARCHITECTURES else {}
+        shown = {name: value for name, value in self.args.items() if defaults.get(name, ...) != value}
+        args = "".join(f" {name}={value}" for name, value in sorted(shown.items()))
         return f"{self.labels.task}/{self.arch}{args}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,8 +73,10 @@ class ModelSpec:
     def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
         arch = data["arch"]
         args = data.get("args")
+        model_class = architecture(arch)
         if args is None:  # format 1 kept an MLP's widths beside the arch, for every architecture
-            args = {name: data[name] for name in architecture(arch).uses if name in data}
+            args = {name: data[name] for name in model_class.uses if name in data}
+        args = {**model_class.defaults, **args}  # arguments added since the snapshot was written
         return cls(
             labels=LabelSpec.from_dict(data["labels"]),
             features=FeatureSpec.from_dict(data["features"]),
@@ -193,6 +197,7 @@ class OnlineModel(nn.Module, ABC):
     """
 
     uses: ClassVar[tuple[str, ...]] = ()
+    defaults: ClassVar[dict[str, Any]] = {}  # of arguments a snapshot of an older release lacks
 
     def __init_subclass__(cls, arch: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -245,16 +250,20 @@ class LinearModel(OnlineModel, arch="linear"):
 
 
 class MLPModel(OnlineModel, arch="mlp"):
-    """A ReLU multilayer perceptron with the task's output layer."""
+    """A ReLU multilayer perceptron with the task's output layer, and dropout if asked for."""
 
-    uses = ("hidden",)
+    uses = ("hidden", "dropout")
+    defaults = {"dropout": 0.0}
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
         widths = [spec.features.n_features, *spec.args["hidden"]]
+        dropout = spec.args.get("dropout", 0.0)
         layers: list[nn.Module] = []
         for n_in, n_out in itertools.pairwise(widths):
             layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
         layers.append(nn.Linear(widths[-1], spec.labels.n_outputs))
         self.layers = nn.Sequential(*layers)
 

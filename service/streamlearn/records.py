@@ -203,6 +203,10 @@ class DecodedBatch:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def head(self, n: int) -> "DecodedBatch":
+        """The first `n` valid records (and none of the rejected)."""
+        return self if n == len(self) else DecodedBatch(self.features[:n], self.labels[:n], self.weights[:n])
+
 
 def parse_json(value: bytes | None, max_bytes: int) -> dict[str, Any]:
     """A message value as a JSON object, or InvalidRecord."""

@@ -6,6 +6,7 @@ snapshot), so the loop needs no knowledge of architectures, optimizers or drift 
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,9 +19,11 @@ from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
 from streamlearn.snapshots import Snapshot, SnapshotContent
 from streamlearn.train.checkpoint import snapshot_content
 from streamlearn.train.drift import DriftMonitor
+from streamlearn.train.losses import Loss, LossSettings
+from streamlearn.train.optim import OptimizerSettings, Schedule, make_optimizer
 from streamlearn.train.partitions import Offsets
 from streamlearn.train.telemetry import Telemetry
-from streamlearn.train.trainer import Trainer, make_optimizer
+from streamlearn.train.trainer import Trainer
 
 log = logging.getLogger("streamlearn.train")
 
@@ -66,12 +69,16 @@ class Learner:
         self.trainer.restore(snapshot.tensors, meta.training)
         return spec.features
 
-    def learn(self, batch: DecodedBatch, features: FeatureSpec) -> bool:
+    def learn(
+        self, batch: DecodedBatch, features: FeatureSpec, pressed: Callable[[], bool] | None = None
+    ) -> int:
         """Test, then train, then watch for drift: one micro-batch of valid records.
 
-        False when the batch was not learned (its loss or gradient was not finite); the model is
-        then as it was. An exception from the step leaves the model as it was too; one from
-        watching (scores, drift) is logged and never undoes or repeats the step.
+        Returns how many of the batch's records were learned, its first ones: fewer than all
+        when a step's loss or gradient was not finite (the model then holds exactly those). An
+        exception before any record was learned leaves the model as it was; one from watching
+        (scores, drift) is logged and never undoes or repeats the step. `pressed()` tells the
+        step policy whether the next micro-batch is already waiting.
         """
         if self.trainer is None:
             s = self.settings
@@ -79,19 +86,21 @@ class Learner:
         assert self.trainer is not None
         m = self.telemetry.metrics
         with m.train_step.time():
-            result = self.trainer.step(batch)
+            result = self.trainer.step(batch, pressed)
         m.batch_records.observe(len(batch))
+        m.optimizer_steps.inc(result.steps)
         if not result.learned:
             m.batches_skipped.inc()
-            return False
-        self.records_learned += len(batch)
-        m.records_trained.inc(len(batch))
+        if not result.records:
+            return 0
+        self.records_learned += result.records
+        m.records_trained.inc(result.records)
         try:
             self.telemetry.scores(self.trainer)
-            self._watch_drift(batch, result.errors)
+            self._watch_drift(batch.head(result.records), result.errors)
         except Exception as exc:  # monitoring must never make a learned batch be learned again
             self.telemetry.limited.log(logging.ERROR, "watch", "scoring or drift watch failed", exc_info=exc)
-        return True
+        return result.records
 
     def content(self, offsets: Offsets) -> tuple[dict[str, torch.Tensor], SnapshotContent]:
         """What a checkpoint holds: the model's state, the offsets learned to, drift, the settings."""
@@ -104,8 +113,19 @@ class Learner:
     def _build(self, spec: ModelSpec) -> None:
         s = self.settings
         model = build_model(spec)
-        optimizer = make_optimizer(s.optimizer, model, s.lr, s.weight_decay)
-        self.trainer = Trainer(model, optimizer, self.device, s.clip_grad_norm)
+        optimizer = make_optimizer(model, OptimizerSettings.of(s))
+        labels = spec.labels
+        self.trainer = Trainer(
+            model,
+            optimizer,
+            self.device,
+            s.clip_grad_norm,
+            loss=Loss(labels.task, labels.n_outputs, LossSettings.of(s), self.device),
+            schedule=Schedule(s.lr_schedule, s.lr_schedule_records, s.lr_schedule_floor),
+            policy="small" if s.step_policy == "auto" and s.deterministic else s.step_policy,
+            sub_batch=s.sub_batch_size,
+            l1=s.l1,
+        )
         names = list(spec.features.names) or [f"f{i}" for i in range(spec.features.n_features)]
         task, outputs = spec.labels.task, spec.labels.n_outputs
         self.drift = DriftMonitor(names, task, outputs, s.drift_psi_threshold, s.drift_window)

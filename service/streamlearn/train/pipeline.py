@@ -16,6 +16,7 @@ shutdown first waits for the batches in flight.
 
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -72,6 +73,8 @@ class Pipeline:
         self.learner = Learner(s, labels, self.device, self.telemetry)
         self.learning = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learn")
         self.in_flight: deque[tuple[list[Message], Future[None]]] = deque()
+        self.waiting = 0  # micro-batches handed over that the learning thread has not started
+        self.waiting_lock = threading.Lock()
         self.checkpoints = Checkpointer(
             self.store, s.model_name, metrics, self.partitions, self.learner.content, None,
             s.snapshot_interval_s, s.shutdown_timeout_s, settle=self.settle,
@@ -205,7 +208,9 @@ class Pipeline:
         except Exception:  # a bug of ours; isolated on the learning thread, record by record
             decoded = None
         self._collect(keep=MAX_IN_FLIGHT - 1)
-        self.in_flight.append((messages, self.learning.submit(self._learn_isolating, messages, decoded)))
+        with self.waiting_lock:
+            self.waiting += 1
+        self.in_flight.append((messages, self.learning.submit(self._learn_handed, messages, decoded)))
 
     def _collect(self, keep: int) -> None:
         """Account for learned batches, oldest first, until at most `keep` are in flight.
@@ -217,7 +222,9 @@ class Pipeline:
         while self.in_flight and (len(self.in_flight) > keep or self.in_flight[0][1].done()):
             messages, future = self.in_flight.popleft()
             if self.checkpoints.halted:
-                future.cancel()
+                if future.cancel():  # never to start: no longer waiting
+                    with self.waiting_lock:
+                        self.waiting -= 1
                 continue
             try:
                 future.result()
@@ -235,19 +242,32 @@ class Pipeline:
         if resume:
             consumer.resume([TopicPartition(topic, partition) for topic, partition in resume])
 
+    def _learn_handed(self, messages: Sequence[Message], decoded: DecodedBatch | None) -> None:
+        """The learning thread's work for a handed-over micro-batch."""
+        with self.waiting_lock:
+            self.waiting -= 1
+        self._learn_isolating(messages, decoded)
+
+    def _pressed(self) -> bool:
+        """Whether another micro-batch is waiting for the learning thread (the step policy's cue)."""
+        return self.waiting > 0
+
     def _learn_isolating(self, messages: Sequence[Message], decoded: DecodedBatch | None = None) -> None:
         """Learn the records (decoding them unless `decoded`); dead-letter the invalid ones.
 
         A bug of ours must never turn one record into an outage: a batch whose decoding or
         learning raises an exception nobody foresaw is bisected until the record that raises is
-        found, and that record is dead-lettered as internal_error; the others are learned.
+        found, and that record is dead-lettered as internal_error; the others are learned. So is
+        a batch holding a record whose loss or gradient is not finite; records learned before
+        the step that met it stay learned, and only the rest is bisected.
         """
         try:
             batch = decoded if decoded is not None else self.decoder.decode([m.value() for m in messages])
-            learned = True
+            learned = 0
             if len(batch):
                 assert self.decoder.features is not None  # fixed by the first valid record
-                learned = self.learner.learn(batch, self.decoder.features)
+                learned = self.learner.learn(batch, self.decoder.features, self._pressed)
+            rejected = batch.rejected
         except Exception as exc:
             self.internal_errors += 1
             if self.internal_errors > MAX_INTERNAL_ERRORS:  # not one record: the code or the device
@@ -259,19 +279,26 @@ class Pipeline:
                 detail = f"{type(exc).__name__}: {exc}"[:300]
                 self._reject(messages[0], Rejected(0, InvalidReason.INTERNAL_ERROR, detail))
                 return
-            learned = False
-        if not learned:  # an exception, or a loss or gradient that is not finite: find the record
-            if len(messages) == 1:
-                detail = "the loss or gradient is not finite for this record"
-                self._reject(messages[0], Rejected(0, InvalidReason.NON_FINITE, detail))
-                return
-            middle = len(messages) // 2
-            self._learn_isolating(messages[:middle])
-            self._learn_isolating(messages[middle:])
+            rejected, learned = [], 0  # any record may be the one
+        # valid records are learned in message order: `cut` is the message of the first one not learned
+        cut = _message_of_row(len(messages), {r.index for r in rejected}, learned)
+        if cut == len(messages):
+            self.internal_errors = 0
+        for r in rejected:  # sent once the records before them went through, so never twice
+            if r.index < cut:
+                self._reject(messages[r.index], r)
+        rest = messages[cut:]
+        if not rest:
             return
-        self.internal_errors = 0
-        for rejected in batch.rejected:  # sent once the batch went through, so never twice
-            self._reject(messages[rejected.index], rejected)
+        if cut > 0:  # progress: the records not learned are tried again as a batch of their own
+            self._learn_isolating(rest)
+        elif len(rest) == 1:
+            detail = "the loss or gradient is not finite for this record"
+            self._reject(rest[0], Rejected(0, InvalidReason.NON_FINITE, detail))
+        else:  # nothing learned: find the record responsible
+            middle = len(rest) // 2
+            self._learn_isolating(rest[:middle])
+            self._learn_isolating(rest[middle:])
 
     def _reject(self, message: Message, rejected: Rejected) -> None:
         topic, partition, offset = source = position(message)
@@ -338,6 +365,18 @@ def _cores() -> int:
     """The cores this process may run on (all of the machine's where the OS does not say)."""
     affinity = getattr(os, "sched_getaffinity", None)
     return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
+def _message_of_row(n_messages: int, rejected: set[int], row: int) -> int:
+    """The index of the message holding valid row `row` (n_messages when there is no such row)."""
+    seen = 0
+    for index in range(n_messages):
+        if index in rejected:
+            continue
+        if seen == row:
+            return index
+        seen += 1
+    return n_messages
 
 
 def _end_of(event: Message) -> tuple[tuple[str, int], int]:

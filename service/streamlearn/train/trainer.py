@@ -5,6 +5,7 @@ from. A batch whose loss or gradient is not finite leaves the model untouched.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,26 +16,14 @@ from torch import Tensor
 from streamlearn.errors import ConfigError
 from streamlearn.models import OnlineModel
 from streamlearn.records import DecodedBatch
+from streamlearn.train.losses import Loss, LossSettings
+from streamlearn.train.optim import Schedule
 
-OPTIMIZERS: dict[str, Any] = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "rmsprop": torch.optim.RMSprop,
-}
 WINDOWS = (1_000, 10_000)  # records, for the fading prequential averages
 BOOST_FACTOR, BOOST_RECORDS = 3.0, 2_000  # --on-drift boost-lr: this much faster, for this many records
-
+STEP_POLICIES = ("auto", "small", "large")
 
 MODAL = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
-FUSED = {"sgd", "adam", "adamw"}  # one kernel per step on CPU and CUDA instead of a loop in Python
-
-
-def make_optimizer(
-    name: str, model: OnlineModel, lr: float, weight_decay: float = 0.0
-) -> torch.optim.Optimizer:
-    extra = {"fused": True} if name in FUSED else {}
-    return OPTIMIZERS[name](model.parameters(), lr=lr, weight_decay=weight_decay, **extra)
 
 
 def pick_device(requested: str) -> torch.device:
@@ -51,11 +40,12 @@ def pick_device(requested: str) -> torch.device:
 class StepResult:
     """What one micro-batch did: its prequential (pre-update) scores and whether it was learned."""
 
-    records: int
-    loss: float  # weighted mean loss of the predictions made before learning
+    records: int  # records learned: the first `records` of the batch
+    loss: float  # weighted mean loss of their predictions, made before learning
     correct: int | None  # classification only
-    learned: bool  # False when the loss or gradient was not finite
+    learned: bool  # False when some records were not learned (a loss or gradient not finite)
     errors: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per record: 0/1 miss, or the loss
+    steps: int = 1  # optimizer steps taken
 
 
 @dataclass
@@ -124,7 +114,14 @@ class Prequential:
 
 
 class Trainer:
-    """Owns a model, its optimizer and its prequential scores; learns one micro-batch at a time."""
+    """Owns a model, its optimizer and its prequential scores; learns one micro-batch at a time.
+
+    A micro-batch is tested as a whole, then learned in optimizer steps of `sub_batch` records
+    (the step policy, README "How the trainer learns"): `small` always takes those steps, `large`
+    one step per micro-batch, and `auto` takes small steps until `pressed()` says the next
+    micro-batch is already waiting, then learns the rest in one step, so the trainer spends on
+    learning the time the stream leaves and no more.
+    """
 
     def __init__(
         self,
@@ -132,20 +129,42 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         device: torch.device,
         clip_grad_norm: float | None = None,
+        *,
+        loss: Loss | None = None,
+        schedule: Schedule | None = None,
+        policy: str = "large",
+        sub_batch: int = 32,
+        l1: float = 0.0,
     ) -> None:
         self.model = model.to(device)
         self.optimizer = optimizer
         self.device = device
         self.clip_grad_norm = clip_grad_norm
+        labels = model.spec.labels
+        self.loss = loss or Loss(labels.task, labels.n_outputs, LossSettings(), device)
+        self.schedule = schedule or Schedule()
+        self.policy = policy
+        self.sub_batch = sub_batch
+        self.l1 = l1
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.scores = Prequential()
         self.skipped_batches = 0
+        self.steps = 0  # optimizer steps taken
+        self.learned = 0  # records learned: the clock of the learning-rate schedule
         self.boost_left = 0  # records left at a boosted learning rate after a drift
-        self.classification = model.spec.labels.task != "regression"
+        self.classification = labels.task != "regression"
         # Only dropout and batch norm behave differently in training; without them, switching
         # modes each step would cost a walk over every module for nothing.
         self.modal = any(isinstance(m, MODAL) for m in model.modules())
+        self.penalized = [p for name, p in model.named_parameters() if p.dim() > 1]  # L1: weights only
 
-    def step(self, batch: DecodedBatch) -> StepResult:
+    def step(self, batch: DecodedBatch, pressed: Callable[[], bool] | None = None) -> StepResult:
+        """Test the batch, then learn it; `pressed()`: whether the next batch is already waiting.
+
+        The result's `records` are the records learned: all of them, or (when a step's loss or
+        gradient is not finite, or a step raised after others were taken) the records before
+        that step. A failing step is never applied, so the model holds exactly those records.
+        """
         x, y, w = (self._to_device(a) for a in (batch.features, batch.labels, batch.weights))
         model = self.model
 
@@ -154,52 +173,88 @@ class Trainer:
             model.eval()
         with torch.no_grad():
             before = model(x)
-            test_loss = model.loss(before, y, w)
+            test_losses = model.head.loss(before, y) * w
             if self.classification:
                 misses = (model.head.predict(before).values != y.long()).float()
-                correct = len(batch) - misses.sum()
             else:
-                misses, correct = model.head.loss(before, y), None
+                misses = model.head.loss(before, y)
+        test_total = test_losses.sum().item()  # one device sync: a non-finite test loss skips the batch
+        n, learned, steps = len(batch), 0, 0
+        if math.isfinite(test_total):
+            # 2. learn: the normalizer and the model, one step of at most `sub_batch` records at a time
+            while learned < n:
+                end = self._step_end(learned, n, pressed)
+                try:
+                    if not self._learn(x[learned:end], y[learned:end], w[learned:end]):
+                        break
+                except Exception:
+                    if learned == 0:
+                        raise  # nothing was learned: the batch may be tried again as it is
+                    break  # keep what was learned; the rest is tried again (and raises there)
+                learned, steps = end, steps + 1
+        if learned < n:
+            self.skipped_batches += 1
 
-        # 2. learn the feature scale, then take one gradient step on the batch
+        # 3. score the records learned: the prequential loss and accuracy of step 1
+        errors = misses.cpu().numpy()[:learned]
+        weights = batch.weights[:learned]
+        weight_sum = float(weights.sum())
+        loss_value = (
+            float(test_losses[:learned].sum().item()) / max(weight_sum, 1e-12) if learned else math.nan
+        )
+        correct = int(learned - errors.sum()) if self.classification else None
+        result = StepResult(learned, loss_value, correct, learned == n, errors, steps)
+        if learned:  # records not learned are scored when they are (or never)
+            self.scores.add(result, weight_sum)
+        return result
+
+    def _step_end(self, start: int, n: int, pressed: Callable[[], bool] | None) -> int:
+        """Where the next optimizer step ends, by the step policy."""
+        if self.policy == "large" or (self.policy == "auto" and pressed is not None and pressed()):
+            return n
+        return min(n, start + self.sub_batch)
+
+    def _learn(self, x: Tensor, y: Tensor, w: Tensor) -> bool:
+        """One optimizer step on these records; False (and nothing changed) if it is not finite."""
+        model = self.model
         saved_normalizer = {k: v.clone() for k, v in model.normalizer.state_dict().items()}
         try:
             model.normalizer.update(x)
             if self.modal:
                 model.train()
             self.optimizer.zero_grad(set_to_none=True)
-            loss = model.loss(model(x), y, w)
+            weights = self.loss.weights(y, w)
+            loss = (self.loss.per_record(model(x), y) * weights).sum() / weights.sum().clamp_min(1e-12)
+            if self.l1:
+                loss = loss + self.l1 * sum(p.abs().sum() for p in self.penalized)
             loss.backward()
-
-            # 3. clip, and refuse to step on a non-finite loss or gradient (one device sync per batch)
+            # clip, and refuse to step on a non-finite loss or gradient (one device sync per step)
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads)
             if self.clip_grad_norm is not None:
                 torch.nn.utils.clip_grads_with_norm_(model.parameters(), self.clip_grad_norm, norm)
-            stats = torch.stack(
-                [test_loss, loss.detach(), norm, w.sum(), *(() if correct is None else (correct,))]
-            )
-            test_value, loss_value, norm_value, weight_sum, *rest = stats.tolist()
-        except BaseException:  # nothing of a step that raised stays: the batch may be tried again
+            finite = bool(torch.isfinite(loss.detach() + norm).item())
+        except BaseException:  # nothing of a step that raised stays
             model.normalizer.load_state_dict(saved_normalizer)
             self.optimizer.zero_grad(set_to_none=True)
             raise
-        learned = all(map(math.isfinite, (test_value, loss_value, norm_value)))
-        if learned:
-            self.optimizer.step()
-        else:
+        if not finite:
             model.normalizer.load_state_dict(saved_normalizer)
             self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_batches += 1
+            return False
+        self._set_lr()
+        self.optimizer.step()
+        self.loss.learned(y)
+        self.steps += 1
+        self.learned += len(y)
+        if self.boost_left > 0:
+            self.boost_left -= len(y)
+        return True
 
-        self._decay_boost(len(batch))
-
-        # 4. score: the prequential loss and accuracy of step 1
-        errors = misses.cpu().numpy()
-        result = StepResult(len(batch), test_value, int(rest[0]) if rest else None, learned, errors)
-        if learned:  # a skipped batch is scored when its records are learned (or not at all)
-            self.scores.add(result, weight_sum)
-        return result
+    def _set_lr(self) -> None:
+        factor = self.schedule.factor(self.learned) * (BOOST_FACTOR if self.boost_left > 0 else 1.0)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
 
     def respond_to_drift(self, action: str) -> None:
         """React to a concept drift: boost-lr, reset-optimizer or reset-model (none: nothing)."""
@@ -207,23 +262,12 @@ class Trainer:
             self.optimizer.state.clear()  # forget moments and step counts; the weights stay
         elif action == "boost-lr":
             self.boost_left = BOOST_RECORDS
-            for group in self.optimizer.param_groups:
-                group.setdefault("base_lr", group["lr"])
-                group["lr"] = group["base_lr"] * BOOST_FACTOR
         elif action == "reset-model":
             with torch.no_grad():
                 for module in self.model.modules():
                     if isinstance(module, torch.nn.Linear):
                         module.reset_parameters()  # the normalizer keeps its statistics
             self.optimizer.state.clear()
-
-    def _decay_boost(self, records: int) -> None:
-        if self.boost_left <= 0:
-            return
-        self.boost_left -= records
-        if self.boost_left <= 0:
-            for group in self.optimizer.param_groups:
-                group["lr"] = group.pop("base_lr", group["lr"])
 
     def _to_device(self, array: np.ndarray) -> Tensor:
         tensor = torch.from_numpy(array)
@@ -244,10 +288,14 @@ class Trainer:
                     tensors[f"optim.{index}.{slot}"] = value.detach().to("cpu", copy=True).contiguous()
                 else:
                     scalars[f"{index}.{slot}"] = value
+        tensors.update({f"loss.{name}": t for name, t in self.loss.state().items()})
         meta = {
             "optimizer": {"param_groups": optim["param_groups"], "scalars": scalars},
             "prequential": self.scores.to_dict(),
             "skipped_batches": self.skipped_batches,
+            "steps": self.steps,
+            "records_learned": self.learned,
+            "boost_left": self.boost_left,
         }
         return tensors, meta
 
@@ -267,3 +315,7 @@ class Trainer:
         self.optimizer.load_state_dict({"state": slots, "param_groups": meta["optimizer"]["param_groups"]})
         self.scores = Prequential.from_dict(meta["prequential"])
         self.skipped_batches = int(meta.get("skipped_batches", 0))
+        self.steps = int(meta.get("steps", 0))
+        self.learned = int(meta.get("records_learned", self.scores.records))
+        self.boost_left = int(meta.get("boost_left", 0))
+        self.loss.load_state({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
