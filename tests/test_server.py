@@ -153,12 +153,16 @@ def test_a_new_snapshot_is_served_after_a_reload(client, store):
     )
 
 
-def test_a_corrupt_newest_snapshot_is_not_served(client, store):
+def test_a_corrupt_newest_snapshot_is_not_served(client, store, tmp_path_factory):
     write_snapshot(store, "default", trained(REGRESSION), records=1)
     wait_for(lambda: client.get("/readyz").status_code == 200)
-    bad = write_snapshot(store, "default", trained(REGRESSION), records=2)
-    path = store.root / "default" / f"{bad.version:012d}" / "weights.safetensors"
-    path.write_bytes(b"\x00" * 16)
+    # Version 2 is corrupted before it appears: written to a store beside, then renamed into place.
+    beside = LocalSnapshotStore(tmp_path_factory.mktemp("beside"))
+    write_snapshot(beside, "default", trained(REGRESSION), records=1)
+    bad = write_snapshot(beside, "default", trained(REGRESSION), records=2)
+    version = f"{bad.version:012d}"
+    (beside.root / "default" / version / "weights.safetensors").write_bytes(b"\x00" * 16)
+    (beside.root / "default" / version).rename(store.root / "default" / version)
     write_snapshot(store, "other", trained(REGRESSION))  # a later change the server must notice
     wait_for(lambda: "other" in client.get("/v1/models").json()["models"])
     assert client.get("/v1/models/default").json()["version"] == 1

@@ -33,16 +33,14 @@ class OptimizerSettings:
         return cls(*(getattr(settings, name) for name in cls.__dataclass_fields__))
 
 
-def make_optimizer(
-    model: OnlineModel, settings: OptimizerSettings, frozen: tuple[str, ...] = ()
-) -> torch.optim.Optimizer:
-    """The optimizer over the model's parameters, except those of the `frozen` layers.
+def make_optimizer(model: OnlineModel, settings: OptimizerSettings) -> torch.optim.Optimizer:
+    """The optimizer over the model's parameters, by --optimizer.
 
     Weight decay is decoupled (AdamW's) for adamw and plain L2 for the others, as torch has it;
     momentum and Nesterov apply to sgd (momentum also to rmsprop).
     """
     s = settings
-    params = [p for name, p in model.named_parameters() if not _in(name, frozen)]
+    params = list(model.parameters())
     common: dict[str, Any] = {"lr": s.lr, "weight_decay": s.weight_decay}
     if s.optimizer in FUSED:
         common["fused"] = True
@@ -57,11 +55,6 @@ def make_optimizer(
         "radam": torch.optim.RAdam,
     }[s.optimizer]
     return optimizer_class(params, **common)
-
-
-def _in(name: str, layers: tuple[str, ...]) -> bool:
-    """Whether parameter `name` belongs to one of `layers` (a module path such as layers.0)."""
-    return any(name == layer or name.startswith(layer + ".") for layer in layers)
 
 
 @dataclass(frozen=True)
