@@ -16,7 +16,7 @@ after each abrupt change: until the accuracy over the 500 records before is back
 of its level over the 500 records before the change (for MAE: within 5%).
 
 River's learners are slow (ARF needs minutes per stream) and do not change with our code: their
-per-record errors are cached in bench/river_errors.npz, keyed by River's version and the streams,
+scores are cached in bench/river_scores.json, keyed by River's version and the streams' records,
 and recomputed (on every core) when the key changes or with --river.
 """
 
@@ -51,13 +51,14 @@ from streamlearn.train.trainer import StepResult, Trainer, pick_device
 
 BATCH = 256
 RECOVERY_WINDOW = 500
-RIVER_CACHE = Path(__file__).with_name("river_errors.npz")
+RIVER_CACHE = Path(__file__).with_name("river_scores.json")
 BASE_TIMESTAMP_MS = 1_700_000_000_000
 PARTITIONS = 4
 
 # Streamlearn configurations scored by the learning core: the default and its main alternatives.
 CONFIGS: dict[str, dict[str, Any]] = {
-    "Streamlearn default (MLP 64,64, auto steps of 32)": {},
+    "Streamlearn default (MLP 64,64, auto steps of 8)": {},
+    "Streamlearn default, micro-batches of 32": {"batch": 32},
     "Streamlearn MLP, one step per micro-batch": {"step_policy": "large"},
     "Streamlearn MLP, on drift reset-optimizer": {"on_drift": "reset-optimizer"},
     "Streamlearn MLP, on drift boost-lr": {"on_drift": "boost-lr"},
@@ -128,15 +129,20 @@ class Recording:
 
 
 def core_errors(stream: Stream, overrides: dict[str, Any]) -> tuple[np.ndarray, int]:
-    """The learning core's per-record errors on the stream, micro-batches of BATCH records."""
+    """The learning core's per-record errors on the stream, micro-batches of BATCH records.
+
+    `overrides` are trainer settings, and `batch` another micro-batch size.
+    """
+    overrides = dict(overrides)
+    size = overrides.pop("batch", BATCH)
     settings = settings_for(stream, overrides)
     labels = LabelSpec.create(stream.task, stream.classes)
     learner = Learner(settings, labels, pick_device("cpu"), Telemetry(TrainerMetrics(CollectorRegistry())))
     features = FeatureSpec(stream.x.shape[1])
-    weights = np.ones(BATCH, np.float32)
+    weights = np.ones(size, np.float32)
     with Recording() as recording:
-        for start in range(0, len(stream.y), BATCH):
-            x, y = stream.x[start : start + BATCH], stream.y[start : start + BATCH]
+        for start in range(0, len(stream.y), size):
+            x, y = stream.x[start : start + size], stream.y[start : start + size]
             learner.learn(DecodedBatch(x, y, weights[: len(y)]), features)
     return recording.per_record(stream.task), recording.steps
 
@@ -211,10 +217,13 @@ def river_errors(stream: Stream, learner: str) -> np.ndarray:
     return errors
 
 
-def _river_job(args: tuple[int, str]) -> tuple[str, np.ndarray]:
+Scores = tuple[float, float, list[int | None]]
+
+
+def _river_job(args: tuple[int, str]) -> tuple[str, Scores]:
     index, learner = args
     stream = all_streams()[index]
-    return f"{stream.name}|{learner}", river_errors(stream, learner)
+    return f"{stream.name}|{learner}", scores(stream, river_errors(stream, learner))
 
 
 def river_key(streams: list[Stream]) -> str:
@@ -224,24 +233,25 @@ def river_key(streams: list[Stream]) -> str:
     return digest.hexdigest()
 
 
-def river_results(streams: list[Stream], refresh: bool) -> dict[str, np.ndarray]:
+def river_results(streams: list[Stream], refresh: bool) -> dict[str, Scores]:
+    """Each River learner's scores on each stream, by "stream|learner"."""
     key = river_key(streams)
     if not refresh and RIVER_CACHE.exists():
-        cached = dict(np.load(RIVER_CACHE))
-        if str(cached.pop("key")) == key:
-            return cached
+        cached = orjson.loads(RIVER_CACHE.read_bytes())
+        if cached["key"] == key:
+            return {name: (a, b, list(r)) for name, (a, b, r) in cached["scores"].items()}
     jobs = [(i, name) for i, stream in enumerate(streams) for name in river_learners(stream.task)]
     with ProcessPoolExecutor(os.cpu_count()) as pool:
         results = dict(pool.map(_river_job, jobs))
-    np.savez_compressed(RIVER_CACHE, key=np.array(key), **results)
+    RIVER_CACHE.write_bytes(orjson.dumps({"key": key, "scores": results}, option=orjson.OPT_INDENT_2))
     return results
 
 
 # -- tables ------------------------------------------------------------------------------------
 
 
-def _cell(stream: Stream, errors: np.ndarray) -> tuple[str, str, str]:
-    overall, last, recoveries = scores(stream, errors)
+def _cell(stream: Stream, errors: np.ndarray | Scores) -> tuple[str, str, str]:
+    overall, last, recoveries = scores(stream, errors) if isinstance(errors, np.ndarray) else errors
     recovered = ", ".join("never" if r is None else f"{r:,}" for r in recoveries) or "-"
     return f"{overall:.3f}", f"{last:.3f}", recovered
 

@@ -192,11 +192,11 @@ class TrainSettings(_TrainerMetricsPort, _Snapshots, _DeadLetters, _Kafka):
         "step per micro-batch (large), or auto: small steps while the stream leaves time, the rest "
         "of a micro-batch in one step once the next one is waiting (small with --deterministic).",
     )
-    sub_batch_size: int = Field(32, ge=1, le=100_000, description="Records per small optimizer step.")
+    sub_batch_size: int = Field(8, ge=1, le=100_000, description="Records per small optimizer step.")
     optimizer: Literal["sgd", "adam", "adamw", "rmsprop", "adagrad", "radam"] = Field(
         "adam", description="Optimizer."
     )
-    lr: float = Field(0.01, gt=0, le=10, description="Learning rate.")
+    lr: float = Field(0.005, gt=0, le=10, description="Learning rate.")
     momentum: float = Field(0.0, ge=0, lt=1, description="Momentum of sgd and rmsprop.")
     nesterov: bool = Field(False, description="Nesterov momentum (sgd, with --momentum).")
     weight_decay: float = Field(

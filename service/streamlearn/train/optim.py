@@ -23,7 +23,7 @@ class OptimizerSettings:
     """What make_optimizer needs; the trainer's settings of the same names."""
 
     optimizer: str = "adam"
-    lr: float = 0.01
+    lr: float = 0.005
     weight_decay: float = 0.0
     momentum: float = 0.0
     nesterov: bool = False

@@ -133,7 +133,7 @@ class Trainer:
         loss: Loss | None = None,
         schedule: Schedule | None = None,
         policy: str = "large",
-        sub_batch: int = 32,
+        sub_batch: int = 8,
         l1: float = 0.0,
     ) -> None:
         self.model = model.to(device)
