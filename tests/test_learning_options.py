@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -88,13 +89,22 @@ def test_schedules_give_the_documented_factors(name, at, factor):
 
 
 def test_the_trainer_steps_at_the_scheduled_rate_counted_in_records(make_trainer):
-    trainer = make_trainer("binary", lr=0.1, policy="large", schedule=Schedule("inverse-sqrt", period=64))
+    trainer = make_trainer(
+        "binary", lr=0.1, policy="large", sub_batch=64, schedule=Schedule("inverse-sqrt", period=64)
+    )
     rates = []
     for seed in range(4):
         trainer.step(concept_batch(64, seed=seed))
         rates.append(trainer.optimizer.param_groups[0]["lr"])
     # each step is taken at the rate of the records learned before it: 0, 64, 128, 192
     assert rates == pytest.approx([0.1 / math.sqrt(1 + k) for k in range(4)])
+
+
+@pytest.mark.parametrize(("sub_batch", "factor"), [(256, 1.0), (64, 2.0), (8, 4.0)])
+def test_a_larger_step_takes_a_square_root_scaled_rate_up_to_four_times(make_trainer, sub_batch, factor):
+    trainer = make_trainer("binary", lr=0.01, policy="large", sub_batch=sub_batch)
+    trainer.step(concept_batch(256))
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * factor)
 
 
 def test_focal_loss_and_label_smoothing_follow_their_formulas():
@@ -177,3 +187,111 @@ def test_dropout_is_part_of_the_mlp_and_off_while_testing():
 def test_options_that_do_not_fit_the_task_are_refused(flags, message):
     with pytest.raises(ValidationError, match=message):
         TrainSettings(**flags)
+
+
+def learner_for(tmp_path, **settings):
+    from prometheus_client import CollectorRegistry
+
+    from streamlearn.metrics import TrainerMetrics
+    from streamlearn.train.learner import Learner
+    from streamlearn.train.telemetry import Telemetry
+
+    s = TrainSettings(task="binary", snapshot_dir=str(tmp_path), metrics_port=0, **settings)
+    labels = LabelSpec.create("binary")
+    return Learner(s, labels, torch.device("cpu"), Telemetry(TrainerMetrics(CollectorRegistry())))
+
+
+def regions(n: int, flipped: bool, seed: int):
+    """Two concepts on disjoint regions: x0 < 0 labels by x1 > 0; x0 > 0 by x1 < 0."""
+    from streamlearn.records import DecodedBatch
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3)).astype(np.float32)
+    x[:, 0] = np.abs(x[:, 0]) * (1 if flipped else -1)
+    y = ((x[:, 1] > 0) != flipped).astype(np.float32)
+    return DecodedBatch(x, y, np.ones(n, np.float32))
+
+
+def test_replay_reduces_forgetting_of_a_concept_that_recurs(tmp_path):
+    def accuracy_on_first_concept_after_second(**options) -> float:
+        learner = learner_for(tmp_path, arch="mlp", hidden=(32,), step_policy="small", **options)
+        features = FeatureSpec(3)
+        for seed in range(20):
+            learner.learn(regions(128, flipped=False, seed=seed), features)
+        for seed in range(20, 60):
+            learner.learn(regions(128, flipped=True, seed=seed), features)
+        held_out = regions(2000, flipped=False, seed=99)
+        predicted = learner.trainer.model.predict_batch(torch.from_numpy(held_out.features)).values
+        return float((predicted.numpy() == held_out.labels).mean())
+
+    without = accuracy_on_first_concept_after_second()
+    with_replay = accuracy_on_first_concept_after_second(replay_records=2000, replay_ratio=1.0)
+    assert with_replay > without + 0.1, (without, with_replay)
+
+
+def test_the_reservoir_is_a_uniform_sample_and_resumes_exactly():
+    from streamlearn.train.replay import Reservoir
+
+    reservoir = Reservoir(capacity=1000, ratio=0.5, seed=3)
+    values = np.arange(20_000, dtype=np.float32)
+    for start in range(0, 20_000, 250):
+        part = values[start : start + 250]
+        reservoir.add(part[:, None], part, np.ones_like(part))
+    kept = reservoir.labels
+    assert reservoir.size == 1000 and len(np.unique(kept)) == 1000
+    assert abs(kept.mean() - 10_000) < 600  # the mean of a uniform sample (sd about 183)
+    assert abs((kept < 10_000).mean() - 0.5) < 0.06
+    tensors, meta = reservoir.state()
+    resumed = Reservoir(capacity=1000, ratio=0.5, seed=0)
+    resumed.load_state(tensors, meta)
+    assert np.array_equal(reservoir.sample(64)[1], resumed.sample(64)[1])
+    assert reservoir.sample(64)[0].shape == (32, 1)
+
+
+def snapshot_of(learner, tmp_path, name="source"):
+    from streamlearn.snapshots import LocalSnapshotStore
+
+    store = LocalSnapshotStore(tmp_path)
+    tensors, content = learner.content({})
+    store.save(name, tensors, content)
+    return f"{tmp_path}/{name}"
+
+
+def test_a_warm_start_begins_at_the_source_models_accuracy_and_records_its_origin(tmp_path):
+    features = FeatureSpec(3)
+    source = learner_for(tmp_path / "a", arch="mlp")
+    for seed in range(30):
+        source.learn(concept_batch(128, seed=seed), features)
+    location = snapshot_of(source, tmp_path / "a")
+
+    started = learner_for(tmp_path / "b", arch="mlp", init_from=location)
+    fresh = learner_for(tmp_path / "c", arch="mlp")
+    batch = concept_batch(512, seed=1000)
+    started.learn(batch, features)
+    fresh.learn(batch, features)
+    assert started.trainer.scores.accuracy > 0.9 > fresh.trainer.scores.accuracy
+    _, content = started.content({})
+    assert content.origin["snapshot"] == location and content.origin["version"] == 1
+
+
+def test_frozen_layers_do_not_move_and_the_rest_learns(tmp_path):
+    learner = learner_for(tmp_path, arch="mlp", hidden=(8, 8), freeze=("layers.0",))
+    learner.learn(concept_batch(64), FeatureSpec(3))
+    before = {k: v.clone() for k, v in learner.trainer.model.state_dict().items()}
+    learner.learn(concept_batch(256, seed=1), FeatureSpec(3))
+    after = learner.trainer.model.state_dict()
+    assert torch.equal(before["layers.0.weight"], after["layers.0.weight"])
+    assert torch.equal(before["layers.0.bias"], after["layers.0.bias"])
+    assert not torch.equal(before["layers.2.weight"], after["layers.2.weight"])
+
+
+def test_a_warm_start_of_another_shape_or_an_unknown_layer_is_a_one_line_error(tmp_path):
+    from streamlearn.errors import ConfigError
+
+    source = learner_for(tmp_path / "a", arch="mlp", hidden=(4,))
+    source.learn(concept_batch(64), FeatureSpec(3))
+    location = snapshot_of(source, tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"--init-from .*do not fit"):
+        learner_for(tmp_path / "b", arch="mlp", init_from=location).learn(concept_batch(64), FeatureSpec(3))
+    with pytest.raises(ConfigError, match=r"--freeze layers\.9: no such layer; the model has layers\.0"):
+        learner_for(tmp_path / "c", arch="mlp", freeze=("layers.9",)).learn(concept_batch(64), FeatureSpec(3))

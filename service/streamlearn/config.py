@@ -231,6 +231,24 @@ class TrainSettings(_TrainerMetricsPort, _Snapshots, _DeadLetters, _Kafka):
         "(classification), so rare classes count as much as common ones.",
     )
     clip_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm to this value.")
+    replay_records: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        description="Records kept in a reservoir of the stream so far and mixed into every step "
+        "against forgetting (0: no replay).",
+    )
+    replay_ratio: float = Field(
+        0.5, gt=0, le=16, description="Replayed records per fresh record in each step, with --replay-records."
+    )
+    init_from: str | None = Field(
+        None,
+        description="Start a new model from another's weights: a snapshot model directory (its "
+        "newest version), a version directory, or a .safetensors file of matching shapes.",
+    )
+    freeze: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Layers that do not learn, comma-separated module paths (e.g. layers.0)."
+    )
     batch_size: int = Field(256, ge=1, le=100_000, description="Largest micro-batch, in records.")
     max_batch_wait_ms: int = Field(
         50, ge=1, le=60_000, description="Longest wait for a micro-batch to fill before learning from it."
@@ -290,7 +308,7 @@ class TrainSettings(_TrainerMetricsPort, _Snapshots, _DeadLetters, _Kafka):
         False, description="Also export the PSI of every feature (up to 100 features) as a labelled metric."
     )
 
-    @field_validator("classes", "feature_names", "hidden", mode="before")
+    @field_validator("classes", "feature_names", "hidden", "freeze", mode="before")
     @classmethod
     def _comma_lists(cls, value: Any) -> Any:
         return _split_commas(value)

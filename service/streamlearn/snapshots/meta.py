@@ -34,6 +34,7 @@ class SnapshotContent(BaseModel):
     normalizer: dict[str, Any] | None = None  # the feature means and variances, for a human
     drift: dict[str, Any] | None = None  # detector state and the newest detections
     dlq: DeadLetterMarks | None = None
+    origin: dict[str, Any] | None = None  # the model a warm start began from (--init-from)
     config: dict[str, Any] = Field(default_factory=dict)  # the trainer's settings, credentials excluded
 
 

@@ -22,8 +22,10 @@ from streamlearn.train.drift import DriftMonitor
 from streamlearn.train.losses import Loss, LossSettings
 from streamlearn.train.optim import OptimizerSettings, Schedule, make_optimizer
 from streamlearn.train.partitions import Offsets
+from streamlearn.train.replay import Reservoir
 from streamlearn.train.telemetry import Telemetry
 from streamlearn.train.trainer import Trainer
+from streamlearn.train.warmstart import freeze, warm_start
 
 log = logging.getLogger("streamlearn.train")
 
@@ -47,6 +49,7 @@ class Learner:
         self.events: list[dict[str, Any]] = []  # the newest drift detections, kept in snapshots
         self.records_learned = 0
         self.unwatched: list[tuple[Any, Any, Any]] = []  # learned, not yet seen by the drift detectors
+        self.origin: dict[str, Any] | None = None  # the model a warm start began from
 
     def restore(self, snapshot: Snapshot, features: FeatureSpec | None) -> FeatureSpec | None:
         """Continue from a snapshot; the feature vector it fixes (None before its first record)."""
@@ -63,7 +66,8 @@ class Learner:
                 f"snapshots of model {s.model_name!r} in {s.snapshot_dir} are {mismatch}: "
                 "use another --model-name or --snapshot-dir"
             )
-        self._build(spec)
+        self._build(spec, fresh=False)
+        self.origin = meta.origin
         assert self.trainer is not None
         assert meta.training is not None  # written with every model
         self.trainer.restore(snapshot.tensors, meta.training)
@@ -82,7 +86,7 @@ class Learner:
         """
         if self.trainer is None:
             s = self.settings
-            self._build(ModelSpec.create(self.labels, features, s.arch, s, s.seed))
+            self._build(ModelSpec.create(self.labels, features, s.arch, s, s.seed), fresh=True)
         assert self.trainer is not None
         m = self.telemetry.metrics
         with m.train_step.time():
@@ -108,11 +112,17 @@ class Learner:
         tensors, content = snapshot_content(self.trainer, self.records_learned, offsets, config)
         if self.drift is not None:
             content = content.model_copy(update={"drift": {**self.drift.to_dict(), "events": self.events}})
+        if self.origin is not None:
+            content = content.model_copy(update={"origin": self.origin})
         return tensors, content
 
-    def _build(self, spec: ModelSpec) -> None:
+    def _build(self, spec: ModelSpec, fresh: bool) -> None:
+        """The model, its optimizer and detectors; a fresh one starts from --init-from if given."""
         s = self.settings
         model = build_model(spec)
+        if fresh and s.init_from:
+            self.origin = warm_start(model, s.init_from)
+        freeze(model, s.freeze)
         optimizer = make_optimizer(model, OptimizerSettings.of(s))
         labels = spec.labels
         self.trainer = Trainer(
@@ -125,6 +135,7 @@ class Learner:
             policy="small" if s.step_policy == "auto" and s.deterministic else s.step_policy,
             sub_batch=s.sub_batch_size,
             l1=s.l1,
+            replay=Reservoir(s.replay_records, s.replay_ratio, s.seed) if s.replay_records else None,
         )
         names = list(spec.features.names) or [f"f{i}" for i in range(spec.features.n_features)]
         task, outputs = spec.labels.task, spec.labels.n_outputs

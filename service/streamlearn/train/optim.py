@@ -34,13 +34,13 @@ class OptimizerSettings:
 
 
 def make_optimizer(model: OnlineModel, settings: OptimizerSettings) -> torch.optim.Optimizer:
-    """The optimizer over the model's parameters, by --optimizer.
+    """The optimizer over the model's learnable parameters, by --optimizer.
 
     Weight decay is decoupled (AdamW's) for adamw and plain L2 for the others, as torch has it;
     momentum and Nesterov apply to sgd (momentum also to rmsprop).
     """
     s = settings
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen layers stay as they are
     common: dict[str, Any] = {"lr": s.lr, "weight_decay": s.weight_decay}
     if s.optimizer in FUSED:
         common["fused"] = True

@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from streamlearn import kafka
 from streamlearn.config import TrainSettings
-from streamlearn.errors import InvalidReason
+from streamlearn.errors import ConfigError, InvalidReason
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec, RecordDecoder, Rejected
 from streamlearn.snapshots import Snapshot, open_store
@@ -268,6 +268,8 @@ class Pipeline:
                 assert self.decoder.features is not None  # fixed by the first valid record
                 learned = self.learner.learn(batch, self.decoder.features, self._pressed)
             rejected = batch.rejected
+        except ConfigError:
+            raise  # a setting that cannot work (--init-from of another shape) is no record's fault
         except Exception as exc:
             self.internal_errors += 1
             if self.internal_errors > MAX_INTERNAL_ERRORS:  # not one record: the code or the device

@@ -18,10 +18,15 @@ from streamlearn.models import OnlineModel
 from streamlearn.records import DecodedBatch
 from streamlearn.train.losses import Loss, LossSettings
 from streamlearn.train.optim import Schedule
+from streamlearn.train.replay import Reservoir
 
 WINDOWS = (1_000, 10_000)  # records, for the fading prequential averages
 BOOST_FACTOR, BOOST_RECORDS = 3.0, 2_000  # --on-drift boost-lr: this much faster, for this many records
 STEP_POLICIES = ("auto", "small", "large")
+# A step of m records is taken at the rate times sqrt(m / sub_batch), at most this: the square-root
+# scaling rule (Malladi et al. 2022, for Adam), so fewer, larger steps lose less of what small
+# steps learn (one step per 256 records: River's Agrawal 0.67 -> 0.76, sea 0.950 -> 0.957).
+LARGE_STEP_LR_CAP = 4.0
 
 MODAL = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
 
@@ -135,6 +140,7 @@ class Trainer:
         policy: str = "large",
         sub_batch: int = 8,
         l1: float = 0.0,
+        replay: Reservoir | None = None,
     ) -> None:
         self.model = model.to(device)
         self.optimizer = optimizer
@@ -146,6 +152,7 @@ class Trainer:
         self.policy = policy
         self.sub_batch = sub_batch
         self.l1 = l1
+        self.replay = replay
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.scores = Prequential()
         self.skipped_batches = 0
@@ -184,8 +191,9 @@ class Trainer:
             # 2. learn: the normalizer and the model, one step of at most `sub_batch` records at a time
             while learned < n:
                 end = self._step_end(learned, n, pressed)
+                part = slice(learned, end)
                 try:
-                    if not self._learn(x[learned:end], y[learned:end], w[learned:end]):
+                    if not self._learn(x[part], y[part], w[part], batch, part):
                         break
                 except Exception:
                     if learned == 0:
@@ -214,12 +222,19 @@ class Trainer:
             return n
         return min(n, start + self.sub_batch)
 
-    def _learn(self, x: Tensor, y: Tensor, w: Tensor) -> bool:
-        """One optimizer step on these records; False (and nothing changed) if it is not finite."""
+    def _learn(self, x: Tensor, y: Tensor, w: Tensor, batch: DecodedBatch, part: slice) -> bool:
+        """One optimizer step on these records (`part` of the batch), and replayed ones if asked.
+
+        False, and nothing changed, when the step's loss or gradient is not finite.
+        """
         model = self.model
         saved_normalizer = {k: v.clone() for k, v in model.normalizer.state_dict().items()}
         try:
-            model.normalizer.update(x)
+            model.normalizer.update(x)  # fresh records only: replayed ones were counted before
+            replayed = self.replay.sample(len(y)) if self.replay is not None else None
+            if replayed is not None:
+                old_x, old_y, old_w = (self._to_device(a) for a in replayed)
+                x, y, w = torch.cat([x, old_x]), torch.cat([y, old_y]), torch.cat([w, old_w])
             if self.modal:
                 model.train()
             self.optimizer.zero_grad(set_to_none=True)
@@ -242,17 +257,23 @@ class Trainer:
             model.normalizer.load_state_dict(saved_normalizer)
             self.optimizer.zero_grad(set_to_none=True)
             return False
-        self._set_lr()
+        fresh = part.stop - part.start
+        self._set_lr(fresh)
         self.optimizer.step()
-        self.loss.learned(y)
+        self.loss.learned(y[:fresh])
+        if self.replay is not None:
+            self.replay.add(batch.features[part], batch.labels[part], batch.weights[part])
         self.steps += 1
-        self.learned += len(y)
+        self.learned += fresh
         if self.boost_left > 0:
-            self.boost_left -= len(y)
+            self.boost_left -= fresh
         return True
 
-    def _set_lr(self) -> None:
+    def _set_lr(self, records: int) -> None:
+        """The rate of a step of `records` fresh records: scheduled, scaled by size, boosted."""
         factor = self.schedule.factor(self.learned) * (BOOST_FACTOR if self.boost_left > 0 else 1.0)
+        if records > self.sub_batch:
+            factor *= min(math.sqrt(records / self.sub_batch), LARGE_STEP_LR_CAP)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
 
@@ -289,6 +310,10 @@ class Trainer:
                 else:
                     scalars[f"{index}.{slot}"] = value
         tensors.update({f"loss.{name}": t for name, t in self.loss.state().items()})
+        replay: dict[str, Any] | None = None
+        if self.replay is not None:
+            replay_tensors, replay = self.replay.state()
+            tensors.update({f"replay.{name}": t for name, t in replay_tensors.items()})
         meta = {
             "optimizer": {"param_groups": optim["param_groups"], "scalars": scalars},
             "prequential": self.scores.to_dict(),
@@ -296,6 +321,7 @@ class Trainer:
             "steps": self.steps,
             "records_learned": self.learned,
             "boost_left": self.boost_left,
+            "replay": replay,
         }
         return tensors, meta
 
@@ -319,3 +345,6 @@ class Trainer:
         self.learned = int(meta.get("records_learned", self.scores.records))
         self.boost_left = int(meta.get("boost_left", 0))
         self.loss.load_state({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
+        if self.replay is not None and meta.get("replay"):
+            replayed = {k[7:]: v for k, v in tensors.items() if k.startswith("replay.")}
+            self.replay.load_state(replayed, meta["replay"])

@@ -1,0 +1,83 @@
+"""Warm start and transfer: a new model begins from another model's weights, some layers frozen.
+
+--init-from names the source: a snapshot model directory (its newest version), one version's
+directory, or a .safetensors file holding the model's tensors (names as in the model's
+state_dict, optionally prefixed "model."; shapes must match). Only weights and normalizer
+statistics are taken, never the optimizer. The snapshots of the new model record the origin.
+"""
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load as load_safetensors
+from torch import Tensor
+from torch.nn import Module
+
+from streamlearn.errors import ConfigError, SnapshotError
+from streamlearn.models import OnlineModel
+from streamlearn.snapshots import open_store
+
+
+def load_source(location: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The model tensors at `location`, and the origin to record in snapshots."""
+    if location.endswith(".safetensors"):
+        try:
+            data = Path(location).read_bytes()
+            tensors = load_safetensors(data)
+        except Exception as exc:  # OSError, or safetensors' own errors for a malformed file
+            raise ConfigError(f"--init-from {location}: cannot read it: {exc}") from None
+        origin = {"file": location, "sha256": hashlib.sha256(data).hexdigest()}
+        return {_unprefixed(name): t for name, t in tensors.items()}, origin
+    parent, _, name = location.rstrip("/").rpartition("/")
+    try:
+        if name.isdigit():  # one version: <root>/<model>/<version>
+            root, _, model = parent.rpartition("/")
+            snapshot = open_store(root or ".").load(model, int(name))
+        else:
+            found = open_store(parent or ".").load_latest(name)
+            if found is None:
+                raise ConfigError(f"--init-from {location}: no snapshot of model {name!r} there")
+            snapshot = found
+    except SnapshotError as exc:
+        raise ConfigError(f"--init-from {location}: {exc}") from None
+    origin = {
+        "snapshot": location,
+        "model_name": snapshot.model_name,
+        "version": snapshot.version,
+        "weights_sha256": snapshot.meta.weights_sha256,
+        "records_trained": snapshot.meta.records_trained,
+    }
+    return {k[6:]: v for k, v in snapshot.tensors.items() if k.startswith("model.")}, origin
+
+
+def _unprefixed(name: str) -> str:
+    return name[6:] if name.startswith("model.") else name
+
+
+def warm_start(model: OnlineModel, location: str) -> dict[str, Any]:
+    """Load the source's weights into `model`; the origin to record."""
+    tensors, origin = load_source(location)
+    try:
+        model.load_state(tensors)
+    except SnapshotError as exc:
+        raise ConfigError(f"--init-from {location}: {exc}") from None
+    return origin
+
+
+def freeze(model: OnlineModel, layers: tuple[str, ...]) -> None:
+    """Stop the named layers (module paths such as layers.0) from learning."""
+    modules = dict(model.named_modules())
+    learnable = [name for name, m in modules.items() if name and _has_parameters(m, recurse=False)]
+    unknown = [layer for layer in layers if layer not in modules or not _has_parameters(modules[layer])]
+    if unknown:
+        raise ConfigError(
+            f"--freeze {','.join(unknown)}: no such layer; the model has {', '.join(learnable)}"
+        )
+    for layer in layers:
+        for parameter in modules[layer].parameters():
+            parameter.requires_grad_(False)
+
+
+def _has_parameters(module: Module, recurse: bool = True) -> bool:
+    return next(iter(module.parameters(recurse=recurse)), None) is not None
