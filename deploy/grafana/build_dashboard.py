@@ -18,6 +18,12 @@ ROWS = {
             ("streamlearn_records_per_second", "{{instance}}"),
             ("sum(rate(streamlearn_records_consumed_total[1m]))", "consumed (all trainers)"),
         ]),
+        ("Optimizer steps per record (step policy)", "none", [
+            (
+                "rate(streamlearn_optimizer_steps_total[1m]) / rate(streamlearn_records_trained_total[1m])",
+                "{{instance}}",
+            ),
+        ]),
     ],
     "Drift": [
         ("Concept drift scores", "none", [("streamlearn_drift_score", "{{detector}} {{instance}}")]),
