@@ -186,3 +186,32 @@ def test_a_paused_partition_is_resumed_before_it_is_given_up(pipeline):
     # librdkafka keeps a pause across unassign and assign: a partition given back to us later
     # would never be fetched again
     assert consumer.calls == [("resume", [1]), ("unassign", [0, 1])]
+
+
+def test_the_learning_thread_takes_small_steps_until_the_next_batch_waits(pipeline, monkeypatch):
+    import threading
+
+    pipeline.process(records(8))  # builds the trainer
+    pipeline.settle()
+    trainer = pipeline.learner.trainer
+    step = trainer.step
+    release = threading.Event()
+    steps: list[int] = []
+
+    def held_step(batch, pressed=None):
+        if not steps:
+            release.wait(10)  # the first batch is learned only once the second was handed over
+        result = step(batch, pressed)
+        steps.append(result.steps)
+        return result
+
+    monkeypatch.setattr(trainer, "step", held_step)
+    batch = [Consumed(m.offset_ + 8, m.value_) for m in records(512)]
+    pipeline._hand_over(batch[:256])
+    pipeline._hand_over(batch[256:])  # waits behind the first: the first is pressed
+    release.set()
+    pipeline.settle()
+    # the first batch, pressed from the start: one step; the second, with none behind: small steps
+    assert steps == [1, 256 // pipeline.settings.sub_batch_size]
+    assert pipeline.waiting == 0 and pipeline.records_learned == 8 + 512
+    assert sample(pipeline, "streamlearn_optimizer_steps_total") == trainer.steps
