@@ -295,3 +295,84 @@ def test_a_warm_start_of_another_shape_or_an_unknown_layer_is_a_one_line_error(t
         learner_for(tmp_path / "b", arch="mlp", init_from=location).learn(concept_batch(64), FeatureSpec(3))
     with pytest.raises(ConfigError, match=r"--freeze layers\.9: no such layer; the model has layers\.0"):
         learner_for(tmp_path / "c", arch="mlp", freeze=("layers.9",)).learn(concept_batch(64), FeatureSpec(3))
+
+
+def test_a_reservoir_resumed_with_more_room_fills_it_before_replacing_and_never_replays_empty_slots():
+    from streamlearn.train.replay import Reservoir
+
+    small = Reservoir(capacity=100, ratio=1.0, seed=1)
+    values = np.arange(1, 501, dtype=np.float32)  # no zero: an empty slot would show as 0
+    small.add(values[:, None], values, np.ones_like(values))
+    larger = Reservoir(capacity=300, ratio=1.0, seed=1)
+    larger.load_state(*small.state())
+    assert larger.size == 100
+    more = np.arange(501, 601, dtype=np.float32)
+    larger.add(more[:, None], more, np.ones_like(more))
+    assert larger.size == 200 and set(more) <= set(larger.labels[:200])
+    assert (larger.sample(5000)[1] > 0).all()
+
+
+def test_dropout_draws_resume_exactly_after_a_restart():
+    from streamlearn.train.optim import OptimizerSettings, make_optimizer
+    from streamlearn.train.trainer import Trainer
+
+    def trainer():
+        spec = ModelSpec(LabelSpec.create("binary"), FeatureSpec(3), "mlp", {"hidden": [16], "dropout": 0.5})
+        model = build_model(spec)
+        optimizer = make_optimizer(model, OptimizerSettings())
+        return Trainer(model, optimizer, torch.device("cpu"), policy="small", sub_batch=16)
+
+    batches = [concept_batch(64, seed=seed) for seed in range(4)]
+    original = trainer()
+    for batch in batches[:2]:
+        original.step(batch)
+    tensors, meta = original.state()
+    for batch in batches[2:]:  # the uninterrupted run
+        original.step(batch)
+    torch.manual_seed(12345)  # a new process: the generator is wherever it is
+    resumed = trainer()
+    resumed.restore(tensors, meta)
+    for batch in batches[2:]:
+        resumed.step(batch)
+    for a, b in zip(original.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_snapshot_learned_with_other_frozen_layers_is_refused(tmp_path):
+    from streamlearn.errors import SnapshotMismatch
+
+    learner = learner_for(tmp_path, arch="mlp", hidden=(8, 8), freeze=("layers.2",))
+    learner.learn(concept_batch(64), FeatureSpec(3))
+    tensors, meta = learner.trainer.state()
+    other = learner_for(tmp_path, arch="mlp", hidden=(8, 8), freeze=("layers.0",))
+    other.learn(concept_batch(8), FeatureSpec(3))
+    with pytest.raises(SnapshotMismatch, match="keep --freeze as it was"):
+        other.trainer.restore(tensors, meta)
+
+
+def test_freezing_everything_is_a_one_line_error(tmp_path):
+    from streamlearn.errors import ConfigError
+
+    learner = learner_for(tmp_path, arch="linear", freeze=("linear",))
+    with pytest.raises(ConfigError, match="nothing would be left to learn"):
+        learner.learn(concept_batch(8), FeatureSpec(3))
+
+
+def test_a_warm_start_reads_a_snapshots_own_weights_file(tmp_path):
+    source = learner_for(tmp_path / "a", arch="mlp")
+    source.learn(concept_batch(256), FeatureSpec(3))
+    location = snapshot_of(source, tmp_path / "a")
+    weights = f"{location}/000000000001/weights.safetensors"
+    started = learner_for(tmp_path / "b", arch="mlp", init_from=weights)
+    started.learn(concept_batch(8), FeatureSpec(3))
+    assert started.origin["file"] == weights and len(started.origin["sha256"]) == 64
+
+
+def test_focal_loss_with_a_small_gamma_keeps_gradients_finite_for_confident_predictions():
+    for task, scores, labels in (
+        ("binary", torch.tensor([[40.0], [-40.0]], requires_grad=True), torch.tensor([1.0, 0.0])),
+        ("multiclass", torch.tensor([[40.0, -40.0, 0.0]], requires_grad=True), torch.tensor([0.0])),
+    ):
+        loss = Loss(task, scores.shape[1], LossSettings(loss="focal", focal_gamma=0.5), torch.device("cpu"))
+        loss.per_record(scores, labels).sum().backward()
+        assert torch.isfinite(scores.grad).all(), task

@@ -234,9 +234,9 @@ class TrainSettings(_TrainerMetricsPort, _Snapshots, _DeadLetters, _Kafka):
     replay_records: int = Field(
         0,
         ge=0,
-        le=10_000_000,
+        le=1_000_000,
         description="Records kept in a reservoir of the stream so far and mixed into every step "
-        "against forgetting (0: no replay).",
+        "against forgetting (0: no replay); saved in every snapshot.",
     )
     replay_ratio: float = Field(
         0.5, gt=0, le=16, description="Replayed records per fresh record in each step, with --replay-records."

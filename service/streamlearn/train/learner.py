@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from streamlearn.config import TrainSettings
-from streamlearn.errors import SnapshotMismatch
+from streamlearn.errors import ConfigError, SnapshotMismatch
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
 from streamlearn.snapshots import Snapshot, SnapshotContent
@@ -86,7 +86,12 @@ class Learner:
         """
         if self.trainer is None:
             s = self.settings
-            self._build(ModelSpec.create(self.labels, features, s.arch, s, s.seed), fresh=True)
+            try:
+                self._build(ModelSpec.create(self.labels, features, s.arch, s, s.seed), fresh=True)
+            except ConfigError:
+                raise
+            except Exception as exc:  # no record's fault: the trainer cannot start learning
+                raise ConfigError(f"the model cannot be built: {type(exc).__name__}: {exc}") from exc
         assert self.trainer is not None
         m = self.telemetry.metrics
         with m.train_step.time():
@@ -120,6 +125,8 @@ class Learner:
         """The model, its optimizer and detectors; a fresh one starts from --init-from if given."""
         s = self.settings
         model = build_model(spec)
+        if fresh:
+            torch.manual_seed(s.seed)  # dropout's draws; a snapshot carries the generator on
         if fresh and s.init_from:
             self.origin = warm_start(model, s.init_from)
         freeze(model, s.freeze)

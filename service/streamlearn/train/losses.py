@@ -58,12 +58,13 @@ class Loss:
             if self.name == "focal":  # Lin et al. 2017: (1 - p_t)^gamma times the log loss
                 p = torch.sigmoid(logits)
                 p_true = p * labels + (1 - p) * (1 - labels)
-                return (1 - p_true) ** s.focal_gamma * log_loss
+                # clamped: for 0 < gamma < 1 the gradient of x**gamma at x = 0 is infinite
+                return (1 - p_true).clamp_min(1e-12) ** s.focal_gamma * log_loss
             return log_loss
         targets = labels.long()
         if self.name == "focal":
             log_p = functional.log_softmax(scores, dim=1).gather(1, targets[:, None]).squeeze(1)
-            return -((1 - log_p.exp()) ** s.focal_gamma) * log_p
+            return -((1 - log_p.exp()).clamp_min(1e-12) ** s.focal_gamma) * log_p
         return functional.cross_entropy(scores, targets, reduction="none", label_smoothing=s.label_smoothing)
 
     def weights(self, labels: Tensor, weights: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """The optimizer toolbox: optimizers by name, and learning-rate schedules counted in records.
 
 Schedules count records learned, not optimizer steps, because the number of steps a micro-batch
-takes depends on how much time the stream leaves (see steps.py): the same stream gets the same
+takes depends on how much time the stream leaves (the step policy, trainer.py): the same stream gets the same
 learning rates whatever the pace it arrived at.
 """
 

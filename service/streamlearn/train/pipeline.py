@@ -292,7 +292,7 @@ class Pipeline:
         rest = messages[cut:]
         if not rest:
             return
-        if cut > 0:  # progress: the records not learned are tried again as a batch of their own
+        if learned > 0:  # progress: the records not learned are tried again as a batch of their own
             self._learn_isolating(rest)
         elif len(rest) == 1:
             detail = "the loss or gradient is not finite for this record"

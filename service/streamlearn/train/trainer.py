@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from streamlearn.errors import ConfigError
+from streamlearn.errors import ConfigError, SnapshotMismatch
 from streamlearn.models import OnlineModel
 from streamlearn.records import DecodedBatch
 from streamlearn.train.losses import Loss, LossSettings
@@ -258,11 +258,14 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return False
         fresh = part.stop - part.start
+        records = (batch.features[part], batch.labels[part], batch.weights[part])
+        if self.replay is not None:
+            self.replay.reserve(*records)  # what may fail, before the step: after it, nothing may
         self._set_lr(fresh)
         self.optimizer.step()
         self.loss.learned(y[:fresh])
         if self.replay is not None:
-            self.replay.add(batch.features[part], batch.labels[part], batch.weights[part])
+            self.replay.add(*records)
         self.steps += 1
         self.learned += fresh
         if self.boost_left > 0:
@@ -286,7 +289,8 @@ class Trainer:
         elif action == "reset-model":
             with torch.no_grad():
                 for module in self.model.modules():
-                    if isinstance(module, torch.nn.Linear):
+                    learns = all(p.requires_grad for p in module.parameters())
+                    if isinstance(module, torch.nn.Linear) and learns:  # frozen layers stay
                         module.reset_parameters()  # the normalizer keeps its statistics
             self.optimizer.state.clear()
 
@@ -310,6 +314,10 @@ class Trainer:
                 else:
                     scalars[f"{index}.{slot}"] = value
         tensors.update({f"loss.{name}": t for name, t in self.loss.state().items()})
+        if self.modal:  # dropout draws from torch's generator: resume it where it stood
+            tensors["rng.cpu"] = torch.get_rng_state()
+            if self.device.type == "cuda":
+                tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         replay: dict[str, Any] | None = None
         if self.replay is not None:
             replay_tensors, replay = self.replay.state()
@@ -322,11 +330,22 @@ class Trainer:
             "records_learned": self.learned,
             "boost_left": self.boost_left,
             "replay": replay,
+            "frozen": sorted(name for name, p in self.model.named_parameters() if not p.requires_grad),
         }
         return tensors, meta
 
     def restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        """Load a state written by state(); the model part must fit this trainer's architecture."""
+        """Load a state written by state(); the model part must fit this trainer's architecture.
+
+        The optimizer's state is matched to parameters by position, so the same layers must be
+        frozen as when it was written.
+        """
+        frozen = sorted(name for name, p in self.model.named_parameters() if not p.requires_grad)
+        if meta.get("frozen", []) != frozen:
+            raise SnapshotMismatch(
+                f"the snapshot was learned with frozen parameters {meta.get('frozen', [])}, not {frozen}: "
+                "keep --freeze as it was, or use another --model-name"
+            )
         self.model.load_state({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         slots: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
@@ -345,6 +364,10 @@ class Trainer:
         self.learned = int(meta.get("records_learned", self.scores.records))
         self.boost_left = int(meta.get("boost_left", 0))
         self.loss.load_state({k[5:]: v for k, v in tensors.items() if k.startswith("loss.")})
+        if self.modal and "rng.cpu" in tensors:
+            torch.set_rng_state(tensors["rng.cpu"])
+            if self.device.type == "cuda" and "rng.cuda" in tensors:
+                torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         if self.replay is not None and meta.get("replay"):
             replayed = {k[7:]: v for k, v in tensors.items() if k.startswith("replay.")}
             self.replay.load_state(replayed, meta["replay"])

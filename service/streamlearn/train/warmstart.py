@@ -1,8 +1,9 @@
 """Warm start and transfer: a new model begins from another model's weights, some layers frozen.
 
 --init-from names the source: a snapshot model directory (its newest version), one version's
-directory, or a .safetensors file holding the model's tensors (names as in the model's
-state_dict, optionally prefixed "model."; shapes must match). Only weights and normalizer
+directory, or a .safetensors file (local or an object-store URL) holding the model's tensors
+(names as in the model's state_dict; a snapshot's own weights file, whose model tensors are
+prefixed "model.", works too; shapes must match). Only weights and normalizer
 statistics are taken, never the optimizer. The snapshots of the new model record the origin.
 """
 
@@ -23,17 +24,21 @@ def load_source(location: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The model tensors at `location`, and the origin to record in snapshots."""
     if location.endswith(".safetensors"):
         try:
-            data = Path(location).read_bytes()
+            data = _read(location)
             tensors = load_safetensors(data)
         except Exception as exc:  # OSError, or safetensors' own errors for a malformed file
             raise ConfigError(f"--init-from {location}: cannot read it: {exc}") from None
         origin = {"file": location, "sha256": hashlib.sha256(data).hexdigest()}
-        return {_unprefixed(name): t for name, t in tensors.items()}, origin
+        if any(name.startswith("model.") for name in tensors):  # a snapshot's own weights file
+            tensors = {name[6:]: t for name, t in tensors.items() if name.startswith("model.")}
+        return tensors, origin
     parent, _, name = location.rstrip("/").rpartition("/")
+    if not parent and location.startswith("/"):
+        parent = "/"
     try:
         if name.isdigit():  # one version: <root>/<model>/<version>
             root, _, model = parent.rpartition("/")
-            snapshot = open_store(root or ".").load(model, int(name))
+            snapshot = open_store(root or ("/" if parent.startswith("/") else ".")).load(model, int(name))
         else:
             found = open_store(parent or ".").load_latest(name)
             if found is None:
@@ -51,8 +56,14 @@ def load_source(location: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return {k[6:]: v for k, v in snapshot.tensors.items() if k.startswith("model.")}, origin
 
 
-def _unprefixed(name: str) -> str:
-    return name[6:] if name.startswith("model.") else name
+def _read(location: str) -> bytes:
+    """A file's bytes, from a local path or an fsspec URL (s3://...)."""
+    if "://" not in location:
+        return Path(location).read_bytes()
+    import fsspec  # only object-store deployments need it: the `s3` extra
+
+    with fsspec.open(location, "rb") as file:
+        return file.read()
 
 
 def warm_start(model: OnlineModel, location: str) -> dict[str, Any]:
@@ -77,6 +88,8 @@ def freeze(model: OnlineModel, layers: tuple[str, ...]) -> None:
     for layer in layers:
         for parameter in modules[layer].parameters():
             parameter.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"--freeze {','.join(layers)}: nothing would be left to learn")
 
 
 def _has_parameters(module: Module, recurse: bool = True) -> bool:
