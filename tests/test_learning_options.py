@@ -376,3 +376,36 @@ def test_focal_loss_with_a_small_gamma_keeps_gradients_finite_for_confident_pred
         loss = Loss(task, scores.shape[1], LossSettings(loss="focal", focal_gamma=0.5), torch.device("cpu"))
         loss.per_record(scores, labels).sum().backward()
         assert torch.isfinite(scores.grad).all(), task
+
+
+def test_a_restart_detects_and_responds_to_drift_exactly_as_an_uninterrupted_run(tmp_path):
+    from streamlearn.snapshots import LocalSnapshotStore
+
+    def flipped(seed: int):
+        batch = concept_batch(200, seed=seed)
+        if seed >= 20:  # the concept inverts: a detection, and a boost, follow
+            batch.labels[:] = 1 - batch.labels
+        return batch
+
+    features = FeatureSpec(3)
+    settings = dict(arch="mlp", hidden=(16,), on_drift="boost-lr", replay_records=500, step_policy="small")
+    original = learner_for(tmp_path / "a", **settings)
+    store = LocalSnapshotStore(tmp_path / "store")
+    for seed in range(23):  # 4,600 records: the detectors saw 3 chunks of 1,200; 1,000 wait
+        original.learn(flipped(seed), features)
+    tensors, content = original.content({})
+    saved = store.save("m", tensors, content)
+    for seed in range(23, 40):
+        original.learn(flipped(seed), features)
+
+    resumed = learner_for(tmp_path / "b", **settings)
+    resumed.restore(store.load("m", saved.version), features)
+    assert len(resumed.unwatched) == 1 and len(resumed.unwatched[0][1]) == 1000  # 6 batches since 3,600
+    for seed in range(23, 40):
+        resumed.learn(flipped(seed), features)
+    assert [e["records_learned"] for e in original.events] == [e["records_learned"] for e in resumed.events]
+    assert any(e["records_learned"] > 4600 for e in original.events)  # a detection after the restart
+    for a, b in zip(
+        original.trainer.model.state_dict().values(), resumed.trainer.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)

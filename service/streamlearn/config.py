@@ -298,7 +298,7 @@ class TrainSettings(_TrainerMetricsPort, _Snapshots, _DeadLetters, _Kafka):
     )
 
     on_drift: Literal["none", "boost-lr", "reset-optimizer", "reset-model"] = Field(
-        "none", description="What to do when concept drift is detected (see README, Drift)."
+        "boost-lr", description="What to do when concept drift is detected (see README, Drift)."
     )
     drift_window: int = Field(2000, ge=100, description="Records in the drift reference and recent windows.")
     drift_psi_threshold: float = Field(

@@ -128,6 +128,14 @@ class Normalizer(nn.Module):
         self.m2 += m2_b + delta**2 * (self.count * n_b / total)
         self.count.copy_(total)
 
+    def stats(self) -> tuple[Tensor, Tensor, Tensor]:
+        """A copy of the statistics, to put back with set_stats."""
+        return self.count.clone(), self.mean.clone(), self.m2.clone()
+
+    def set_stats(self, stats: tuple[Tensor, Tensor, Tensor]) -> None:
+        for mine, saved in zip((self.count, self.mean, self.m2), stats, strict=True):
+            mine.copy_(saved)
+
     def forward(self, x: Tensor) -> Tensor:
         shift, scale = self._affine(x.dtype)
         return x - shift if scale is None else (x - shift) / scale

@@ -86,6 +86,7 @@ class PageHinkley:
     total: float = 0.0
     cumulative: float = 0.0
     minimum: float = 0.0
+    last_statistic: float = 0.0
 
     def update(self, values: np.ndarray) -> bool:
         if len(values) == 0:
@@ -339,6 +340,46 @@ class DriftMonitor:
         p = np.clip(self.label_reference[0] / self.label_reference.sum(), EPS, None)
         q = np.clip(self.label_recent[0] / self.label_recent.sum(), EPS, None)
         return float(((q - p) * np.log(q / p)).sum())
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Everything the detectors know, as arrays and JSON, so a restart detects as if it never
+        happened (a drift response then changes learning exactly as in an uninterrupted run)."""
+        arrays: dict[str, np.ndarray] = {}
+        h = self.features
+        for name in ("edges", "reference", "recent"):
+            if (value := getattr(h, name)) is not None:
+                arrays[f"features.{name}"] = value
+        for name in ("warmup", "pending"):
+            if parts := getattr(h, name):
+                arrays[f"features.{name}"] = np.concatenate(parts)
+        for name in ("reference", "recent"):
+            if (value := getattr(self, f"label_{name}")) is not None:
+                arrays[f"labels.{name}"] = value
+        if self.label_warmup:
+            arrays["labels.warmup"] = np.concatenate(self.label_warmup)
+        ph = self.page_hinkley
+        meta = {
+            "adwin": [list(summary) for summary in self.adwin.summaries],
+            "page_hinkley": [ph.count, ph.total, ph.cumulative, ph.minimum, ph.last_statistic],
+            "loss_scale": [self.loss_scale, self.scale_count],
+            "detections": self.detections,
+        }
+        return arrays, meta
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        h = self.features
+        for name in ("edges", "reference", "recent"):
+            setattr(h, name, arrays.get(f"features.{name}"))
+        for name in ("warmup", "pending"):
+            setattr(h, name, [arrays[f"features.{name}"]] if f"features.{name}" in arrays else [])
+        self.label_reference = arrays.get("labels.reference")
+        self.label_recent = arrays.get("labels.recent")
+        self.label_warmup = [arrays["labels.warmup"]] if "labels.warmup" in arrays else []
+        self.adwin.summaries = deque(tuple(summary) for summary in meta["adwin"])
+        ph = self.page_hinkley
+        ph.count, ph.total, ph.cumulative, ph.minimum, ph.last_statistic = meta["page_hinkley"]
+        self.loss_scale, self.scale_count = meta["loss_scale"]
+        self.detections = dict(meta["detections"])
 
     def to_dict(self) -> dict[str, Any]:
         """A summary for snapshot metadata and the model status endpoint."""

@@ -71,6 +71,7 @@ class Learner:
         assert self.trainer is not None
         assert meta.training is not None  # written with every model
         self.trainer.restore(snapshot.tensors, meta.training)
+        self._restore_drift(snapshot)
         return spec.features
 
     def learn(
@@ -116,10 +117,32 @@ class Learner:
         config = self.settings.model_dump(mode="json", exclude={"kafka"})  # never the credentials
         tensors, content = snapshot_content(self.trainer, self.records_learned, offsets, config)
         if self.drift is not None:
-            content = content.model_copy(update={"drift": {**self.drift.to_dict(), "events": self.events}})
+            arrays, state = self.drift.state()
+            if self.unwatched:  # learned records the detectors have not seen yet
+                for name, parts in zip(
+                    ("features", "labels", "errors"), zip(*self.unwatched, strict=True), strict=True
+                ):
+                    arrays[f"unwatched.{name}"] = np.concatenate(parts)
+            tensors = {
+                **tensors,
+                **{f"drift.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
+            }
+            drift = {**self.drift.to_dict(), "events": self.events, "state": state}
+            content = content.model_copy(update={"drift": drift})
         if self.origin is not None:
             content = content.model_copy(update={"origin": self.origin})
         return tensors, content
+
+    def _restore_drift(self, snapshot: Snapshot) -> None:
+        """The detectors as they were (snapshots of earlier releases hold a summary: they warm up)."""
+        drift = snapshot.meta.drift or {}
+        if self.drift is None or "state" not in drift:
+            return
+        arrays = {k[6:]: v.numpy() for k, v in snapshot.tensors.items() if k.startswith("drift.")}
+        self.drift.load_state(arrays, drift["state"])
+        self.events = list(drift.get("events", []))
+        if "unwatched.labels" in arrays:
+            self.unwatched = [tuple(arrays[f"unwatched.{name}"] for name in ("features", "labels", "errors"))]
 
     def _build(self, spec: ModelSpec, fresh: bool) -> None:
         """The model, its optimizer and detectors; a fresh one starts from --init-from if given."""

@@ -163,7 +163,8 @@ class Trainer:
         # Only dropout and batch norm behave differently in training; without them, switching
         # modes each step would cost a walk over every module for nothing.
         self.modal = any(isinstance(m, MODAL) for m in model.modules())
-        self.penalized = [p for name, p in model.named_parameters() if p.dim() > 1]  # L1: weights only
+        self.parameters = list(model.parameters())
+        self.penalized = [p for p in self.parameters if p.dim() > 1]  # L1: weights only
 
     def step(self, batch: DecodedBatch, pressed: Callable[[], bool] | None = None) -> StepResult:
         """Test the batch, then learn it; `pressed()`: whether the next batch is already waiting.
@@ -188,7 +189,14 @@ class Trainer:
         test_total = test_losses.sum().item()  # one device sync: a non-finite test loss skips the batch
         n, learned, steps = len(batch), 0, 0
         if math.isfinite(test_total):
-            # 2. learn: the normalizer and the model, one step of at most `sub_batch` records at a time
+            # 2. learn: the feature scale from the whole batch, then the model, step by step
+            normalizer = model.normalizer
+            saved = normalizer.stats()
+            try:
+                normalizer.update(x)
+            except BaseException:
+                normalizer.set_stats(saved)
+                raise
             while learned < n:
                 end = self._step_end(learned, n, pressed)
                 part = slice(learned, end)
@@ -200,6 +208,10 @@ class Trainer:
                         raise  # nothing was learned: the batch may be tried again as it is
                     break  # keep what was learned; the rest is tried again (and raises there)
                 learned, steps = end, steps + 1
+            if learned < n:  # the feature scale too holds exactly the records learned
+                normalizer.set_stats(saved)
+                if learned:
+                    normalizer.update(x[:learned])
         if learned < n:
             self.skipped_batches += 1
 
@@ -228,9 +240,7 @@ class Trainer:
         False, and nothing changed, when the step's loss or gradient is not finite.
         """
         model = self.model
-        saved_normalizer = {k: v.clone() for k, v in model.normalizer.state_dict().items()}
         try:
-            model.normalizer.update(x)  # fresh records only: replayed ones were counted before
             replayed = self.replay.sample(len(y)) if self.replay is not None else None
             if replayed is not None:
                 old_x, old_y, old_w = (self._to_device(a) for a in replayed)
@@ -244,17 +254,15 @@ class Trainer:
                 loss = loss + self.l1 * sum(p.abs().sum() for p in self.penalized)
             loss.backward()
             # clip, and refuse to step on a non-finite loss or gradient (one device sync per step)
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            grads = [p.grad for p in self.parameters if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads)
             if self.clip_grad_norm is not None:
-                torch.nn.utils.clip_grads_with_norm_(model.parameters(), self.clip_grad_norm, norm)
+                torch.nn.utils.clip_grads_with_norm_(self.parameters, self.clip_grad_norm, norm)
             finite = bool(torch.isfinite(loss.detach() + norm).item())
         except BaseException:  # nothing of a step that raised stays
-            model.normalizer.load_state_dict(saved_normalizer)
             self.optimizer.zero_grad(set_to_none=True)
             raise
         if not finite:
-            model.normalizer.load_state_dict(saved_normalizer)
             self.optimizer.zero_grad(set_to_none=True)
             return False
         fresh = part.stop - part.start
