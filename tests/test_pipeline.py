@@ -215,3 +215,18 @@ def test_the_learning_thread_takes_small_steps_until_the_next_batch_waits(pipeli
     assert steps == [1, 256 // pipeline.settings.sub_batch_size]
     assert pipeline.waiting == 0 and pipeline.records_learned == 8 + 512
     assert sample(pipeline, "streamlearn_optimizer_steps_total") == trainer.steps
+
+
+def test_a_full_poll_means_a_backlog_and_one_step_per_micro_batch(pipeline):
+    pipeline.process(records(8))  # builds the trainer
+    pipeline.settle()
+    trainer = pipeline.learner.trainer
+    before = trainer.steps
+    full = [Consumed(m.offset_ + 8, m.value_) for m in records(pipeline.settings.batch_size)]
+    pipeline.process(full)  # as many as asked for: more is waiting in Kafka
+    pipeline.settle()
+    assert trainer.steps - before == 1
+    before = trainer.steps
+    pipeline.process([Consumed(m.offset_ + 8 + len(full), m.value_) for m in records(100)])  # caught up
+    pipeline.settle()
+    assert trainer.steps - before == -(-100 // pipeline.settings.sub_batch_size)

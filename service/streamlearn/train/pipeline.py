@@ -74,6 +74,7 @@ class Pipeline:
         self.learning = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learn")
         self.in_flight: deque[tuple[list[Message], Future[None]]] = deque()
         self.waiting = 0  # micro-batches handed over that the learning thread has not started
+        self.backlog = False  # whether the last poll came back full
         self.waiting_lock = threading.Lock()
         self.checkpoints = Checkpointer(
             self.store, s.model_name, metrics, self.partitions, self.learner.content, None,
@@ -188,7 +189,7 @@ class Pipeline:
                 self.telemetry.kafka_error(error)
         taken = self.partitions.take(readable)
         self.metrics.records_consumed.inc(len(taken))
-        backlog = len(messages) >= self.settings.batch_size  # more is waiting: learn whole batches
+        self.backlog = backlog = len(messages) >= self.settings.batch_size  # more is waiting in Kafka
         for batch in self.batching.batches(taken, backlog):
             self._hand_over(batch)
         self._collect(keep=MAX_IN_FLIGHT)
@@ -249,8 +250,9 @@ class Pipeline:
         self._learn_isolating(messages, decoded)
 
     def _pressed(self) -> bool:
-        """Whether another micro-batch is waiting for the learning thread (the step policy's cue)."""
-        return self.waiting > 0
+        """The step policy's cue: another micro-batch waits for the learning thread, or the last
+        poll came back full (a backlog: the next one is being decoded)."""
+        return self.waiting > 0 or self.backlog
 
     def _learn_isolating(self, messages: Sequence[Message], decoded: DecodedBatch | None = None) -> None:
         """Learn the records (decoding them unless `decoded`); dead-letter the invalid ones.
