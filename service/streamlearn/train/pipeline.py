@@ -285,7 +285,8 @@ class Pipeline:
                 return
             rejected, learned = [], 0  # any record may be the one
         # valid records are learned in message order: `cut` is the message of the first one not learned
-        cut = _message_of_row(len(messages), {r.index for r in rejected}, learned)
+        every = learned == len(messages) - len(rejected)
+        cut = len(messages) if every else _message_of_row(len(messages), {r.index for r in rejected}, learned)
         if cut == len(messages):
             self.internal_errors = 0
         for r in rejected:  # sent once the records before them went through, so never twice
