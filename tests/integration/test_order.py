@@ -27,11 +27,10 @@ def learned_order(monkeypatch) -> list[int]:
     lock = threading.Lock()
     learn = Learner.learn
 
-    def recording(self, batch, features):
-        learned = learn(self, batch, features)
-        if learned:
-            with lock:
-                order.extend(int(i) for i in batch.features[:, 0])
+    def recording(self, batch, features, pressed=None):
+        learned = learn(self, batch, features, pressed)
+        with lock:
+            order.extend(int(i) for i in batch.features[:learned, 0])  # the records learned: a prefix
         return learned
 
     monkeypatch.setattr(Learner, "learn", recording)
