@@ -113,7 +113,7 @@ def test_a_new_architecture_is_one_class():
             )
             self.out = torch.nn.Linear(spec.args["hidden"][0], spec.labels.n_outputs)
 
-        def scores(self, x):
+        def scores(self, x, categories=None):  # this one ignores categorical features
             return self.out(self.inner(x, x))
 
     try:

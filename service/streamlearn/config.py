@@ -6,6 +6,7 @@ environment. Any librdkafka property passes through as STREAMLEARN_KAFKA_<PROPER
 written as underscores (STREAMLEARN_KAFKA_SECURITY_PROTOCOL=SASL_SSL).
 """
 
+import itertools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +17,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Task = Literal["regression", "binary", "multiclass"]
-StreamName = Literal["sea", "hyperplane", "friedman", "blobs"]
+StreamName = Literal["sea", "hyperplane", "friedman", "blobs", "payments"]
 # The training losses of each task, its default first.
 LOSSES: dict[str, tuple[str, ...]] = {
     "regression": ("mse", "huber"),
@@ -181,6 +182,34 @@ class TrainSettings(_TrainerMetricsPort, _Snapshots, _DeadLetters, _Kafka):
     feature_names: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Order of dict features, comma-separated; default: sorted keys of the first record."
     )
+    numeric: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Dict features that must be numbers, comma-separated (others: by the first record)."
+    )
+    categorical: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Dict features that are one category (a string) each, comma-separated; default: "
+        "those whose first value is a string.",
+    )
+    multi_categorical: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Dict features that are lists of categories (strings), comma-separated; default: "
+        "those whose first value is a list.",
+    )
+    hash_buckets: int = Field(
+        2**18,
+        ge=1,
+        le=2**26,
+        description="Rows of the hashed category table (shared by all categorical features).",
+    )
+    embedding_dim: int = Field(8, ge=1, le=1024, description="Width of a category's embedding (MLP).")
+    min_count: int = Field(
+        1,
+        ge=1,
+        description="Categories whose row was seen fewer times than this share their feature's rare row.",
+    )
+    max_categories: int = Field(
+        32, ge=1, le=1024, description="Most categories in one multi-valued feature of a record."
+    )
     arch: str = Field("mlp", description="Model architecture: linear or mlp (see models.py).")
     hidden: Annotated[tuple[int, ...], NoDecode] = Field(
         (64, 64), description="Hidden layer widths of the MLP, comma-separated."
@@ -308,7 +337,16 @@ class TrainSettings(_TrainerMetricsPort, _Snapshots, _DeadLetters, _Kafka):
         False, description="Also export the PSI of every feature (up to 100 features) as a labelled metric."
     )
 
-    @field_validator("classes", "feature_names", "hidden", "freeze", mode="before")
+    @field_validator(
+        "classes",
+        "feature_names",
+        "numeric",
+        "categorical",
+        "multi_categorical",
+        "hidden",
+        "freeze",
+        mode="before",
+    )
     @classmethod
     def _comma_lists(cls, value: Any) -> Any:
         return _split_commas(value)
@@ -345,6 +383,15 @@ class TrainSettings(_TrainerMetricsPort, _Snapshots, _DeadLetters, _Kafka):
             raise ValueError("--task regression takes no classes")
         if self.feature_names and self.n_features not in (None, len(self.feature_names)):
             raise ValueError("--feature-names and --n-features disagree")
+        kinds = {"--numeric": self.numeric, "--categorical": self.categorical,
+                 "--multi-categorical": self.multi_categorical}  # fmt: skip
+        for (a, names_a), (b, names_b) in itertools.combinations(kinds.items(), 2):
+            if both := sorted(set(names_a) & set(names_b)):
+                raise ValueError(f"{both[0]!r} is in both {a} and {b}")
+        if self.feature_names and not set(self.numeric) <= set(self.feature_names):
+            raise ValueError("--numeric names a feature that --feature-names lacks")
+        if clash := sorted(set(self.feature_names) & {*self.categorical, *self.multi_categorical}):
+            raise ValueError(f"{clash[0]!r} is in --feature-names (numeric) and declared categorical")
         if self.loss is not None and self.loss not in LOSSES[self.task]:
             fitting = ", ".join(LOSSES[self.task])
             raise ValueError(f"--loss {self.loss} does not fit --task {self.task} ({fitting})")

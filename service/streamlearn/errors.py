@@ -71,6 +71,8 @@ class InvalidReason(StrEnum):
     BAD_FEATURES = "bad_features"
     WRONG_LENGTH = "wrong_length"
     FEATURE_MISMATCH = "feature_mismatch"
+    WRONG_KIND = "wrong_kind"  # a number where a category belongs, or the other way round
+    TOO_MANY_CATEGORIES = "too_many_categories"  # a list longer than --max-categories
     NON_FINITE = "non_finite"
     MISSING_LABEL = "missing_label"
     BAD_LABEL = "bad_label"

@@ -152,6 +152,59 @@ class Normalizer(nn.Module):
         return cached[1], cached[2]
 
 
+class CategoryTable(nn.Module):
+    """Hashed categories -> one vector per categorical feature: the mean of its categories' rows.
+
+    One table for all categorical features (the hashing trick: a feature's name seeds its hash,
+    records.py), plus one rare row per feature (--min-count) and an all-zero row for "no
+    category", which never learns. Rows start at zero, so a category never learned adds nothing:
+    an unseen one is predicted as if absent. The table is learned sparsely (`sparse=True`: a
+    step's gradient holds the rows its records touched, nothing else).
+    """
+
+    counts: Tensor
+    slot_feature: Tensor
+
+    def __init__(self, features: FeatureSpec, dim: int) -> None:
+        super().__init__()
+        self.buckets = features.hash_buckets
+        self.n_features = len(features.category_features)
+        self.min_count = features.min_count
+        self.pooled = features.slots != self.n_features  # multi-valued features: a mean over slots
+        self.empty = self.buckets + self.n_features  # the last row: no category
+        zeros = torch.zeros(self.empty + 1, dim)  # given: no random draw for a table of millions of rows
+        self.table = nn.Embedding(self.empty + 1, dim, padding_idx=self.empty, sparse=True, _weight=zeros)
+        self.register_buffer("slot_feature", torch.from_numpy(features.slot_features), persistent=False)
+        if self.min_count > 1:  # how often each row was learned, to send rare categories to a shared row
+            self.register_buffer("counts", torch.zeros(self.buckets, dtype=torch.int32))
+
+    def rows(self, ids: Tensor) -> Tensor:
+        """Table rows for hashed ids [n, slots] (-1: none), rare ones sent to their feature's rare row."""
+        empty = ids < 0
+        if self.min_count > 1:
+            rare = self.counts[ids.clamp_min(0)] < self.min_count
+            ids = torch.where(rare, self.buckets + self.slot_feature, ids)
+        return torch.where(empty, self.empty, ids)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """[n, n_features, dim]: each categorical feature's vector (zeros: no category)."""
+        vectors = self.table(self.rows(ids))  # [n, slots, dim]
+        if not self.pooled:
+            return vectors
+        n, dim = len(ids), vectors.shape[2]
+        sums = vectors.new_zeros(n, self.n_features, dim).index_add_(1, self.slot_feature, vectors)
+        present = (ids >= 0).to(vectors.dtype)
+        counts = present.new_zeros(n, self.n_features).index_add_(1, self.slot_feature, present)
+        return sums / counts.clamp_min(1).unsqueeze(2)
+
+    @torch.no_grad()
+    def observe(self, ids: Tensor, sign: int = 1) -> None:
+        """Count the rows these records use (sign -1 takes a count back); nothing without --min-count."""
+        if self.min_count > 1:
+            seen = ids[ids >= 0]
+            self.counts.index_add_(0, seen, torch.full_like(seen, sign, dtype=torch.int32))
+
+
 class TaskHead(ABC):
     """How scores become a loss and predictions for one kind of label."""
 
@@ -212,22 +265,37 @@ class OnlineModel(nn.Module, ABC):
         if arch is not None:
             ARCHITECTURES[arch] = cls
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, category_dim: int | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.head = HEADS[spec.labels.task]()
         self.normalizer = Normalizer(spec.features.n_features)
+        features = spec.features
+        self.categories = (
+            CategoryTable(features, category_dim or features.embedding_dim)
+            if features.category_features
+            else None
+        )
 
     @abstractmethod
-    def scores(self, x: Tensor) -> Tensor:
-        """Raw outputs [n, n_outputs] for standardized features [n, n_features]."""
+    def scores(self, x: Tensor, categories: Tensor | None = None) -> Tensor:
+        """Raw outputs [n, n_outputs] for standardized numbers [n, n_features] and the categories'
+        vectors [n, n_categorical, dim] (None when the model has no categorical features)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.scores(self.normalizer(x))
+    def forward(self, x: Tensor, ids: Tensor | None = None) -> Tensor:
+        """Scores for raw numbers [n, n_features] and hashed category ids [n, slots] (records.py)."""
+        return self.scores(self.normalizer(x), self.embed(ids))
+
+    def embed(self, ids: Tensor | None) -> Tensor | None:
+        """The categories' vectors [n, n_categorical, dim], or None without categorical features."""
+        if self.categories is None:
+            return None
+        assert ids is not None, "a model with categorical features needs their ids"
+        return self.categories(ids)
 
     @torch.no_grad()
-    def predict_batch(self, x: Tensor) -> Prediction:
-        return self.head.predict(self(x))
+    def predict_batch(self, x: Tensor, ids: Tensor | None = None) -> Prediction:
+        return self.head.predict(self(x, ids))
 
     def loss(self, scores: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
         """Weighted mean loss of a batch."""
@@ -250,11 +318,13 @@ class LinearModel(OnlineModel, arch="linear"):
     """Linear, logistic or softmax regression, by task."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        super().__init__(spec)
+        # a category's row holds its weight per output: the hashed one-hot part of the linear model
+        super().__init__(spec, category_dim=spec.labels.n_outputs)
         self.linear = nn.Linear(spec.features.n_features, spec.labels.n_outputs)
 
-    def scores(self, x: Tensor) -> Tensor:
-        return self.linear(x)
+    def scores(self, x: Tensor, categories: Tensor | None = None) -> Tensor:
+        out = self.linear(x)
+        return out if categories is None else out + categories.sum(dim=1)
 
 
 class MLPModel(OnlineModel, arch="mlp"):
@@ -265,7 +335,11 @@ class MLPModel(OnlineModel, arch="mlp"):
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
-        widths = [spec.features.n_features, *spec.args["hidden"]]
+        features = spec.features
+        widths = [
+            features.n_features + len(features.category_features) * features.embedding_dim,
+            *spec.args["hidden"],
+        ]
         dropout = spec.args.get("dropout", 0.0)
         layers: list[nn.Module] = []
         for n_in, n_out in itertools.pairwise(widths):
@@ -275,7 +349,9 @@ class MLPModel(OnlineModel, arch="mlp"):
         layers.append(nn.Linear(widths[-1], spec.labels.n_outputs))
         self.layers = nn.Sequential(*layers)
 
-    def scores(self, x: Tensor) -> Tensor:
+    def scores(self, x: Tensor, categories: Tensor | None = None) -> Tensor:
+        if categories is not None:
+            x = torch.cat([x, categories.flatten(1)], dim=1)
         return self.layers(x)
 
 

@@ -9,6 +9,11 @@
   features re-drawn every `drift_every` records.
 - blobs (multiclass red/green/blue, dict features f0..f3, incremental drift): Gaussian classes
   whose centres move slowly, reversing direction every `drift_every` records.
+- payments (binary fraud, categorical features, abrupt drift): card payments with an amount and
+  an hour, a merchant (10,000, Zipf-distributed), a country (30), a device (3) and a list of 0-3
+  tags (12). Fraud depends on per-merchant and per-country risk, large amounts at night and one
+  tag; no numeric feature carries the merchant's risk. Every `drift_every` records a third of
+  the merchants change their risk.
 """
 
 import itertools
@@ -30,8 +35,10 @@ class StreamInfo:
 
     name: StreamName
     task: Task
-    n_features: int
+    n_features: int  # numeric features
     classes: tuple[str, ...] = ()
+    categorical: tuple[str, ...] = ()
+    multi_categorical: tuple[str, ...] = ()
 
 
 def _sea(rng: np.random.Generator, drift_every: int) -> Iterator[tuple[list[float], Any]]:
@@ -78,11 +85,49 @@ def _blobs(rng: np.random.Generator, drift_every: int) -> Iterator[tuple[dict[st
         yield {f"f{j}": round(float(v), 4) for j, v in enumerate(x)}, names[k]
 
 
+PAYMENT_MERCHANTS, PAYMENT_COUNTRIES = 10_000, 30
+PAYMENT_TAGS = ("new_card", "contactless", "online", "recurring", "gift", "travel", "fuel", "grocery",
+                "electronics", "luxury", "cash_advance", "subscription")  # fmt: skip
+
+
+def _payments(rng: np.random.Generator, drift_every: int) -> Iterator[tuple[dict[str, Any], Any]]:
+    merchant_risk = rng.normal(-1.0, 1.5, PAYMENT_MERCHANTS)
+    country_risk = rng.normal(0.0, 0.8, PAYMENT_COUNTRIES)
+    popularity = rng.permutation(PAYMENT_MERCHANTS)  # which merchant is the k-th most frequent
+    for i in itertools.count():
+        if drift_every and i and i % drift_every == 0:
+            changed = rng.random(PAYMENT_MERCHANTS) < 1 / 3
+            merchant_risk[changed] = rng.normal(-1.0, 1.5, int(changed.sum()))
+        merchant = int(popularity[(rng.zipf(1.2) - 1) % PAYMENT_MERCHANTS])
+        country = int(min(rng.geometric(0.25) - 1, PAYMENT_COUNTRIES - 1))
+        amount = float(rng.lognormal(3.5, 1.0))
+        hour = int(rng.integers(24))
+        tags = [PAYMENT_TAGS[k] for k in rng.choice(len(PAYMENT_TAGS), int(rng.integers(4)), replace=False)]
+        logit = (
+            merchant_risk[merchant] + country_risk[country] - 1.5
+            + (1.5 if amount > 150 and (hour < 6 or hour >= 22) else 0.0)
+            + (1.0 if "cash_advance" in tags else 0.0)
+        )  # fmt: skip
+        features = {
+            "amount": round(amount, 2),
+            "hour": hour,
+            "merchant": f"m-{merchant:05d}",
+            "country": f"c{country:02d}",
+            "device": ("mobile", "web", "pos")[int(rng.integers(3))],
+            "tags": tags,
+        }
+        yield features, bool(rng.random() < 1 / (1 + np.exp(-logit)))
+
+
 STREAMS: dict[str, tuple[StreamInfo, Callable[..., Iterator[tuple[Any, Any]]]]] = {
     "sea": (StreamInfo("sea", "binary", 3), _sea),
     "hyperplane": (StreamInfo("hyperplane", "binary", 10), _hyperplane),
     "friedman": (StreamInfo("friedman", "regression", 10), _friedman),
     "blobs": (StreamInfo("blobs", "multiclass", 4, ("red", "green", "blue")), _blobs),
+    "payments": (
+        StreamInfo("payments", "binary", 2, (), ("country", "device", "merchant"), ("tags",)),
+        _payments,
+    ),
 }
 
 # Invalid values cycled through by `produce --invalid-every`: one per rejection reason family.

@@ -77,6 +77,8 @@ class Supervisor:
         if self.settings.demo:
             info = stream_info(self.settings.stream)
             values.update(task=info.task, n_features=info.n_features, classes=info.classes or None)
+            if info.categorical or info.multi_categorical:
+                values.update(categorical=info.categorical, multi_categorical=info.multi_categorical)
         return values
 
     def _start_broker(self) -> str:

@@ -23,10 +23,17 @@ Number = Annotated[
 ]
 
 
+# A named feature's value: a number, one category (a string), a list of categories, or null (no
+# category); which one each feature takes is the model's feature spec, checked per instance.
+Value = (
+    Number | Annotated[str, Field(max_length=10_000)] | Annotated[list[str], Field(max_length=1024)] | None
+)
+
+
 class PredictRequest(BaseModel):
     """KServe V1 request: each instance is a feature list or a {name: value} object."""
 
-    instances: list[list[Number] | dict[str, Number]] = Field(min_length=1)
+    instances: list[list[Number] | dict[str, Value]] = Field(min_length=1)
 
 
 class DataPlane:
@@ -44,7 +51,7 @@ class DataPlane:
         if len(request.instances) > self.max_instances:
             raise BadRequest(f"too many instances: {len(request.instances)} > {self.max_instances}")
         served = self.models.get(name)  # one model for the whole request, whatever reloads meanwhile
-        prediction = predict_finite(served, features(served, request.instances))
+        prediction = predict_finite(served, *features(served, request.instances))
         self.metrics.predict_instances.labels(name).inc(len(request.instances))
         return encode_v1(served, prediction)
 
@@ -79,22 +86,27 @@ def first_error(errors: Any) -> str:
     return f"{where or 'body'}: {first['msg']}"
 
 
-def features(served: ServedModel, instances: list[Any]) -> torch.Tensor:
-    """Instances as a float32 batch in the model's feature order; 422 naming a bad instance."""
+def features(served: ServedModel, instances: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Instances as a float32 batch in the model's feature order, and their categories' hashed
+    rows (None for a model without categorical features); 422 naming a bad instance."""
     spec = served.model.spec.features
-    rows = []
+    rows, categories = [], []
     for index, instance in enumerate(instances):
         try:
-            rows.append(spec.row(instance))
+            row, hashed = spec.row(instance)
         except InvalidRecord as exc:
             raise BadRequest(f"instance {index}: {exc.detail}") from None
+        rows.append(row)
+        categories.append(hashed)
     with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
-        x = torch.from_numpy(np.asarray(rows, dtype=np.float32))
+        x = torch.from_numpy(np.asarray(rows, dtype=np.float32).reshape(len(rows), spec.n_features))
     _refuse_non_finite(x, "a feature does not fit float32 (|x| > 3.4e38)")
-    return x
+    if not spec.category_features:
+        return x, None
+    return x, torch.tensor(categories, dtype=torch.int64).reshape(len(rows), spec.slots)
 
 
-def predict_finite(served: ServedModel, x: torch.Tensor) -> Prediction:
+def predict_finite(served: ServedModel, x: torch.Tensor, ids: torch.Tensor | None = None) -> Prediction:
     """The model's prediction, refusing an instance wherever a stage overflows float32."""
     model = served.model
     with torch.inference_mode():
@@ -102,7 +114,7 @@ def predict_finite(served: ServedModel, x: torch.Tensor) -> Prediction:
         _refuse_non_finite(
             standardized, "a standardized feature overflows float32: far beyond the data learned"
         )
-        prediction = model.head.predict(model.scores(standardized))
+        prediction = model.head.predict(model.scores(standardized, model.embed(ids)))
     # Finite scores give finite probabilities that sum to 1 (sigmoid, or softmax less its max).
     _refuse_non_finite(prediction.scores, "the model's output is not finite for these features")
     return prediction

@@ -196,6 +196,119 @@ class Histograms:
         return psi, ks
 
 
+class CategoryHistograms:
+    """Per categorical feature: its distribution over the reference window's most frequent
+    categories plus one "other" bin (frozen and faded like Histograms), and the share of
+    categories never seen before, faded over about `window` records.
+
+    Categories are their table rows (records.py hashes them), so two that share a row count as
+    one, and "never seen" means a row no record of the stream had used.
+    """
+
+    def __init__(self, slot_feature: np.ndarray, buckets: int, top: int = 20, window: int = 2000) -> None:
+        self.slot_feature = slot_feature  # [slots] feature index of each slot
+        self.n_features = int(slot_feature.max()) + 1 if len(slot_feature) else 0
+        self.top = top
+        self.window = window
+        self.seen = np.zeros((buckets + 7) // 8, np.uint8)  # a bit per row: used by some record
+        self.rows: np.ndarray | None = None  # [features, top] the reference's frequent rows (-1: none)
+        self.reference: np.ndarray | None = None  # [features, top + 1] proportions
+        self.recent: np.ndarray | None = None  # [features, top + 1] faded counts
+        self.unseen = np.zeros((self.n_features, 2))  # faded (never-seen categories, categories)
+        self.warmup: list[np.ndarray] = []
+        self.pending: list[np.ndarray] = []
+
+    def update(self, ids: np.ndarray) -> None:
+        self.pending.append(ids)
+        if sum(len(b) for b in self.pending) < self.window // 4:
+            return
+        chunk = np.concatenate(self.pending)
+        self.pending = []
+        self._count_unseen(chunk)
+        if self.rows is None:
+            self.warmup.append(chunk)
+            if sum(len(b) for b in self.warmup) >= self.window:
+                self.freeze(np.concatenate(self.warmup))
+            return
+        keep = (1 - 1 / self.window) ** len(chunk)
+        counts = self._counts(chunk)
+        self.recent = counts if self.recent is None else keep * self.recent + counts
+
+    def _count_unseen(self, ids: np.ndarray) -> None:
+        used = ids >= 0
+        rows = np.where(used, ids, 0)
+        before = (self.seen[rows >> 3] >> (rows & 7).astype(np.uint8)) & 1
+        new = used & (before == 0)
+        features = np.broadcast_to(self.slot_feature, ids.shape)
+        counts = np.stack([
+            np.bincount(features[new], minlength=self.n_features),
+            np.bincount(features[used], minlength=self.n_features),
+        ], axis=1).astype(np.float64)  # fmt: skip
+        np.bitwise_or.at(self.seen, rows[used] >> 3, (1 << (rows[used] & 7)).astype(np.uint8))
+        keep = (1 - 1 / self.window) ** len(ids)
+        self.unseen = keep * self.unseen + counts
+
+    def freeze(self, ids: np.ndarray) -> None:
+        """Take these records' categories as the reference: their most frequent rows, and the rest."""
+        self.rows = np.full((self.n_features, self.top), -1, np.int64)
+        for f in range(self.n_features):
+            values = ids[:, self.slot_feature == f].ravel()
+            values = values[values >= 0]
+            if len(values):
+                unique, counts = np.unique(values, return_counts=True)
+                frequent = unique[np.argsort(-counts, kind="stable")[: self.top]]
+                self.rows[f, : len(frequent)] = frequent
+        counts = self._counts(ids)
+        self.reference = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        self.recent = None
+        self.warmup = []
+
+    def restart(self) -> None:
+        self.rows = self.reference = self.recent = None
+        self.warmup, self.pending = [], []
+
+    def _counts(self, ids: np.ndarray) -> np.ndarray:
+        """[features, top + 1] counts of each feature's categories per bin (the last: other)."""
+        assert self.rows is not None
+        counts = np.zeros((self.n_features, self.top + 1))
+        for f in range(self.n_features):
+            values = ids[:, self.slot_feature == f].ravel()
+            values = values[values >= 0]
+            rows = self.rows[f]
+            match = values[:, None] == rows[None, :]  # [values, top]
+            counts[f, : self.top] = match.sum(axis=0)
+            counts[f, self.top] = len(values) - match.any(axis=1).sum()
+        return counts
+
+    def scores(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per feature: PSI between the windows (None until both are filled), and the unseen share."""
+        if self.reference is None or self.recent is None or self.recent.sum(axis=1).min() < self.window / 4:
+            return None
+        recent = self.recent / np.maximum(self.recent.sum(axis=1, keepdims=True), 1e-12)
+        p, q = np.clip(self.reference, EPS, None), np.clip(recent, EPS, None)
+        return ((q - p) * np.log(q / p)).sum(axis=1), self.unseen_share()
+
+    def unseen_share(self) -> np.ndarray:
+        return self.unseen[:, 0] / np.maximum(self.unseen[:, 1], 1e-12)
+
+    def state(self) -> dict[str, np.ndarray]:
+        arrays: dict[str, np.ndarray] = {"seen": self.seen, "unseen": self.unseen}
+        for name in ("rows", "reference", "recent"):
+            if (value := getattr(self, name)) is not None:
+                arrays[name] = value
+        for name in ("warmup", "pending"):
+            if parts := getattr(self, name):
+                arrays[name] = np.concatenate(parts)
+        return arrays
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self.seen, self.unseen = arrays["seen"].copy(), arrays["unseen"].copy()
+        for name in ("rows", "reference", "recent"):
+            setattr(self, name, arrays.get(name))
+        for name in ("warmup", "pending"):
+            setattr(self, name, [arrays[name]] if name in arrays else [])
+
+
 @dataclass
 class DriftReport:
     """What one micro-batch's drift checks found."""
@@ -209,6 +322,7 @@ class DriftReport:
     feature_drift: bool
     label_drift: bool
     scores: dict[str, float]
+    unseen: dict[str, float] = field(default_factory=dict)  # categorical: share of never-seen categories
 
     @property
     def detected(self) -> list[str]:
@@ -230,7 +344,9 @@ class DriftMonitor:
         psi_threshold: float = 0.25,
         window: int = 2000,
         top_k: int = 5,
+        categories: tuple[tuple[str, ...], np.ndarray, int] | None = None,
     ) -> None:
+        """`categories`: the categorical features' names, each slot's feature, and the table's rows."""
         self.feature_names = feature_names
         self.task = task
         self.n_classes = n_classes
@@ -239,6 +355,11 @@ class DriftMonitor:
         self.adwin = Adwin()
         self.page_hinkley = PageHinkley()
         self.features = Histograms(window=window)
+        self.category_names: tuple[str, ...] = ()
+        self.categories: CategoryHistograms | None = None
+        if categories is not None and categories[0]:
+            self.category_names = categories[0]
+            self.categories = CategoryHistograms(categories[1], categories[2], window=window)
         self.window = window
         self.loss_scale = 0.0  # regression: running mean loss, to make the error stream scale-free
         self.scale_count = 0
@@ -248,38 +369,57 @@ class DriftMonitor:
         self.detections: dict[str, int] = {}
         self.last: DriftReport | None = None
 
-    def update(self, features: np.ndarray, labels: np.ndarray, errors: np.ndarray) -> DriftReport:
+    def update(
+        self,
+        features: np.ndarray,
+        labels: np.ndarray,
+        errors: np.ndarray,
+        categories: np.ndarray | None = None,
+    ) -> DriftReport:
         stream = self._error_stream(errors)
         concept = [
             name
             for name, det in (("adwin", self.adwin), ("page_hinkley", self.page_hinkley))
             if det.update(stream)
         ]
-        self.features.update(features)
-        feature_scores = self.features.scores()
-        psi_max = ks_max = None
+        names: list[str] = []
+        psis: list[np.ndarray] = []
+        ks_max = None
+        if self.feature_names:
+            self.features.update(features)
+            if (numeric := self.features.scores()) is not None:
+                names += self.feature_names
+                psis.append(numeric[0])
+                ks_max = float(numeric[1].max())
+        unseen: dict[str, float] = {}
+        if self.categories is not None and categories is not None:
+            self.categories.update(categories)
+            unseen = dict(zip(self.category_names, map(float, self.categories.unseen_share()), strict=True))
+            if (categorical := self.categories.scores()) is not None:
+                names += self.category_names
+                psis.append(categorical[0])
+        psi_max = None
         top: list[tuple[str, float]] = []
         feature_drift = False
-        if feature_scores is not None:
-            psi, ks = feature_scores
-            psi_max, ks_max = float(psi.max()), float(ks.max())
+        per_feature: dict[str, float] = {}
+        if psis:
+            psi = np.concatenate(psis)
+            per_feature = dict(zip(names, map(float, psi), strict=True))
+            psi_max = float(psi.max())
             order = np.argsort(psi)[::-1][: self.top_k]
-            top = [(self.feature_names[i], round(float(psi[i]), 4)) for i in order]
+            top = [(names[i], round(float(psi[i]), 4)) for i in order]
             feature_drift = psi_max > self.psi_threshold
             if feature_drift:  # the new distribution becomes the reference
                 self.features.restart()
+                if self.categories is not None:
+                    self.categories.restart()
         label_score = self._label_update(labels)
         label_drift = label_score is not None and label_score > self.psi_threshold
         if label_drift:
             self.label_reference, self.label_recent, self.label_warmup = None, None, []
-        per_feature = (
-            dict(zip(self.feature_names, map(float, feature_scores[0]), strict=True))
-            if feature_scores
-            else {}
-        )
         report = DriftReport(
             concept, per_feature, psi_max, ks_max, top, label_score, feature_drift, label_drift,
-            scores={"adwin": self._adwin_score(), "page_hinkley": self.page_hinkley.score},
+            scores={"adwin": self._adwin_score(), "page_hinkley": self.page_hinkley.score}, unseen=unseen,
         )  # fmt: skip
         for name in report.detected:
             self.detections[name] = self.detections.get(name, 0) + 1
@@ -357,6 +497,8 @@ class DriftMonitor:
                 arrays[f"labels.{name}"] = value
         if self.label_warmup:
             arrays["labels.warmup"] = np.concatenate(self.label_warmup)
+        if self.categories is not None:
+            arrays.update({f"categories.{k}": v for k, v in self.categories.state().items()})
         ph = self.page_hinkley
         meta = {
             "adwin": [list(summary) for summary in self.adwin.summaries],
@@ -375,6 +517,8 @@ class DriftMonitor:
         self.label_reference = arrays.get("labels.reference")
         self.label_recent = arrays.get("labels.recent")
         self.label_warmup = [arrays["labels.warmup"]] if "labels.warmup" in arrays else []
+        if self.categories is not None and "categories.seen" in arrays:
+            self.categories.load_state({k[11:]: v for k, v in arrays.items() if k.startswith("categories.")})
         self.adwin.summaries = deque(tuple(summary) for summary in meta["adwin"])
         ph = self.page_hinkley
         ph.count, ph.total, ph.cumulative, ph.minimum, ph.last_statistic = meta["page_hinkley"]
@@ -390,4 +534,5 @@ class DriftMonitor:
             "feature_ks_max": last.feature_ks_max if last else None,
             "top_drifting_features": [{"name": n, "psi": s} for n, s in (last.top_features if last else [])],
             "label_drift_score": last.label_score if last else None,
+            **({"unseen_categories": last.unseen if last else {}} if self.categories is not None else {}),
         }

@@ -15,7 +15,7 @@ import torch
 from streamlearn.config import TrainSettings
 from streamlearn.errors import ConfigError, SnapshotMismatch
 from streamlearn.models import ModelSpec, build_model
-from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
+from streamlearn.records import DecodedBatch, FeatureKinds, FeatureSpec, LabelSpec, feature_kinds
 from streamlearn.snapshots import Snapshot, SnapshotContent
 from streamlearn.train.checkpoint import snapshot_content
 from streamlearn.train.drift import DriftMonitor
@@ -32,6 +32,21 @@ log = logging.getLogger("streamlearn.train")
 # The drift detectors see the records learned in chunks of at least this many: a detection comes
 # at most this many records late, and watching costs a fraction of a small model's step.
 DRIFT_RECORDS = 1024
+UNWATCHED = ("features", "labels", "errors", "categories")  # what the detectors are fed, per record
+
+
+def _categories_mismatch(features: FeatureSpec, kinds: FeatureKinds) -> str | None:
+    """Why a snapshot's categorical features cannot go on under these settings, or None."""
+    if not features.category_features:
+        return None
+    for name in ("hash_buckets", "max_categories", "embedding_dim", "min_count"):
+        learned, wanted = getattr(features, name), getattr(kinds, name)
+        if learned != wanted:
+            return f"learned with --{name.replace('_', '-')} {learned}, not {wanted}"
+    for kind in ("categorical", "multi_valued"):
+        if undeclared := sorted(set(getattr(kinds, kind)) - set(getattr(features, kind))):
+            return f"learned without {undeclared[0]!r} as a {kind.replace('_', '-')} feature"
+    return None
 
 
 class Learner:
@@ -48,7 +63,7 @@ class Learner:
         self.drift: DriftMonitor | None = None
         self.events: list[dict[str, Any]] = []  # the newest drift detections, kept in snapshots
         self.records_learned = 0
-        self.unwatched: list[tuple[Any, Any, Any]] = []  # learned, not yet seen by the drift detectors
+        self.unwatched: list[tuple[Any, ...]] = []  # learned, not yet seen by the drift detectors (UNWATCHED)
         self.origin: dict[str, Any] | None = None  # the model a warm start began from
 
     def restore(self, snapshot: Snapshot, features: FeatureSpec | None) -> FeatureSpec | None:
@@ -60,7 +75,7 @@ class Learner:
         spec = ModelSpec.from_dict(meta.model)
         s = self.settings
         wanted = ModelSpec.create(self.labels, features or FeatureSpec(0), s.arch, s, s.seed)
-        mismatch = wanted.mismatch(spec)
+        mismatch = wanted.mismatch(spec) or _categories_mismatch(spec.features, feature_kinds(s))
         if mismatch is not None:
             raise SnapshotMismatch(
                 f"snapshots of model {s.model_name!r} in {s.snapshot_dir} are {mismatch}: "
@@ -119,9 +134,7 @@ class Learner:
         if self.drift is not None:
             arrays, state = self.drift.state()
             if self.unwatched:  # learned records the detectors have not seen yet
-                for name, parts in zip(
-                    ("features", "labels", "errors"), zip(*self.unwatched, strict=True), strict=True
-                ):
+                for name, parts in zip(UNWATCHED, zip(*self.unwatched, strict=True), strict=False):
                     arrays[f"unwatched.{name}"] = np.concatenate(parts)
             tensors = {
                 **tensors,
@@ -142,7 +155,9 @@ class Learner:
         self.drift.load_state(arrays, drift["state"])
         self.events = list(drift.get("events", []))
         if "unwatched.labels" in arrays:
-            self.unwatched = [tuple(arrays[f"unwatched.{name}"] for name in ("features", "labels", "errors"))]
+            self.unwatched = [
+                tuple(arrays[f"unwatched.{name}"] for name in UNWATCHED if f"unwatched.{name}" in arrays)
+            ]
 
     def _build(self, spec: ModelSpec, fresh: bool) -> None:
         """The model, its optimizer and detectors; a fresh one starts from --init-from if given."""
@@ -167,20 +182,25 @@ class Learner:
             l1=s.l1,
             replay=Reservoir(s.replay_records, s.replay_ratio, s.seed) if s.replay_records else None,
         )
-        names = list(spec.features.names) or [f"f{i}" for i in range(spec.features.n_features)]
+        features = spec.features
+        names = list(features.names) or [f"f{i}" for i in range(features.n_features)]
         task, outputs = spec.labels.task, spec.labels.n_outputs
-        self.drift = DriftMonitor(names, task, outputs, s.drift_psi_threshold, s.drift_window)
+        categories = (features.category_features, features.slot_features, features.hash_buckets)
+        self.drift = DriftMonitor(
+            names, task, outputs, s.drift_psi_threshold, s.drift_window, categories=categories
+        )
 
     def _watch_drift(self, batch: DecodedBatch, errors: Any) -> None:
         """Feed the drift detectors, DRIFT_RECORDS records at a time: their cost is per call."""
         assert self.drift is not None and self.trainer is not None
-        self.unwatched.append((batch.features, batch.labels, errors))
-        if sum(len(labels) for _, labels, _ in self.unwatched) < DRIFT_RECORDS:
+        watched = (batch.features, batch.labels, errors)
+        self.unwatched.append(watched if batch.categories is None else (*watched, batch.categories))
+        if sum(len(parts[1]) for parts in self.unwatched) < DRIFT_RECORDS:
             return
-        features, labels, errors = (np.concatenate(parts) for parts in zip(*self.unwatched, strict=True))
+        arrays = [np.concatenate(parts) for parts in zip(*self.unwatched, strict=True)]
         self.unwatched = []
         response = self.settings.on_drift
-        report = self.drift.update(features, labels, errors)
+        report = self.drift.update(*arrays)
         event = None
         if report.detected:
             event = {

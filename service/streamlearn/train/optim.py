@@ -33,28 +33,106 @@ class OptimizerSettings:
         return cls(*(getattr(settings, name) for name in cls.__dataclass_fields__))
 
 
-def make_optimizer(model: OnlineModel, settings: OptimizerSettings) -> torch.optim.Optimizer:
-    """The optimizer over the model's learnable parameters, by --optimizer.
+def make_optimizer(model: OnlineModel, settings: OptimizerSettings) -> "Optimizers":
+    """The optimizers of the model's learnable parameters: by --optimizer for the dense ones, and a
+    sparse-capable one for a category table (sparse_optimizer).
 
     Weight decay is decoupled (AdamW's) for adamw and plain L2 for the others, as torch has it;
     momentum and Nesterov apply to sgd (momentum also to rmsprop).
     """
     s = settings
-    params = [p for p in model.parameters() if p.requires_grad]  # frozen layers stay as they are
+    table = model.categories.table.weight if model.categories is not None else None
+    params = [p for p in model.parameters() if p.requires_grad and p is not table]  # frozen layers stay
     common: dict[str, Any] = {"lr": s.lr, "weight_decay": s.weight_decay}
     if s.optimizer in FUSED:
         common["fused"] = True
+    dense: torch.optim.Optimizer
     if s.optimizer == "sgd":
-        return torch.optim.SGD(params, momentum=s.momentum, nesterov=s.nesterov, **common)
-    if s.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, momentum=s.momentum, **common)
-    optimizer_class = {
-        "adam": torch.optim.Adam,
-        "adamw": torch.optim.AdamW,
-        "adagrad": torch.optim.Adagrad,
-        "radam": torch.optim.RAdam,
-    }[s.optimizer]
-    return optimizer_class(params, **common)
+        dense = torch.optim.SGD(params, momentum=s.momentum, nesterov=s.nesterov, **common)
+    elif s.optimizer == "rmsprop":
+        dense = torch.optim.RMSprop(params, momentum=s.momentum, **common)
+    else:
+        optimizer_class = {
+            "adam": torch.optim.Adam,
+            "adamw": torch.optim.AdamW,
+            "adagrad": torch.optim.Adagrad,
+            "radam": torch.optim.RAdam,
+        }[s.optimizer]
+        dense = optimizer_class(params, **common)
+    parts = [dense]
+    if table is not None and table.requires_grad:
+        parts.append(sparse_optimizer(table, s))
+    return Optimizers(parts)
+
+
+def sparse_optimizer(table: torch.Tensor, settings: OptimizerSettings) -> torch.optim.Optimizer:
+    """The category table's optimizer, which touches only the rows a step's gradient holds.
+
+    sgd (plain: momentum would update every row) and adagrad handle sparse gradients as they
+    are; every other optimizer's table gets SparseAdam (Adam on the rows touched, "lazy Adam").
+    No weight decay: it would shrink every row on every step.
+    """
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD([table], lr=settings.lr)
+    if settings.optimizer == "adagrad":
+        return torch.optim.Adagrad([table], lr=settings.lr)
+    return torch.optim.SparseAdam([table], lr=settings.lr)
+
+
+class Optimizers:
+    """Several optimizers over disjoint parameters, used as one: the dense part and the table.
+
+    state_dict() numbers the parameters across all of them in order, as one torch optimizer
+    would, so a model without a table keeps the layout of a single optimizer's state.
+    """
+
+    def __init__(self, parts: list[torch.optim.Optimizer]) -> None:
+        self.parts = parts
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for part in self.parts for group in part.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for part in self.parts:
+            part.step()
+
+    def reset(self) -> None:
+        """Forget moments and step counts; the parameters stay."""
+        for part in self.parts:
+            part.state.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[int, Any] = {}
+        groups: list[dict[str, Any]] = []
+        offset = 0
+        for part in self.parts:
+            saved = part.state_dict()
+            state.update({index + offset: slots for index, slots in saved["state"].items()})
+            groups += [
+                {**group, "params": [i + offset for i in group["params"]]} for group in saved["param_groups"]
+            ]
+            offset += sum(len(group["params"]) for group in saved["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        groups = list(saved["param_groups"])
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"the saved optimizer has {len(groups)} parameter groups, not {len(self.param_groups)}"
+            )
+        offset = 0
+        for part in self.parts:
+            mine, groups = groups[: len(part.param_groups)], groups[len(part.param_groups) :]
+            count = sum(len(group["params"]) for group in mine)
+            state = {i - offset: slots for i, slots in saved["state"].items() if offset <= i < offset + count}
+            groups_of_part = [{**group, "params": [i - offset for i in group["params"]]} for group in mine]
+            part.load_state_dict({"state": state, "param_groups": groups_of_part})
+            offset += count
 
 
 @dataclass(frozen=True)

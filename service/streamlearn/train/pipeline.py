@@ -29,7 +29,7 @@ from streamlearn import kafka
 from streamlearn.config import TrainSettings
 from streamlearn.errors import ConfigError, InvalidReason
 from streamlearn.metrics import TrainerMetrics
-from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec, RecordDecoder, Rejected
+from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec, RecordDecoder, Rejected, feature_kinds
 from streamlearn.snapshots import Snapshot, open_store
 from streamlearn.train.checkpoint import Checkpointer, run_bounded
 from streamlearn.train.dlq import DeadLetterQueue, Source, already_dead_lettered
@@ -61,8 +61,16 @@ class Pipeline:
             torch.set_num_threads(max(1, _cores() - 1))
         self.store = open_store(s.snapshot_dir, s.keep_snapshots)
         labels = LabelSpec.create(s.task, s.classes, s.num_classes)
-        features = FeatureSpec(s.n_features or len(s.feature_names), s.feature_names)
-        self.decoder = RecordDecoder(labels, features if features.n_features else None, s.max_record_bytes)
+        kinds = feature_kinds(s)
+        features = None
+        if s.feature_names:  # the numeric ones named: with the declared categorical ones, all are known
+            features = FeatureSpec(
+                len(s.feature_names), s.feature_names, s.categorical, s.multi_categorical,
+                s.hash_buckets, s.max_categories, s.embedding_dim, s.min_count,
+            )  # fmt: skip
+        elif s.n_features:
+            features = FeatureSpec(s.n_features)
+        self.decoder = RecordDecoder(labels, features, s.max_record_bytes, kinds)
         self.partitions: Partitions[Message] = Partitions()
         self.order: EventTimeOrder[Message] | None = None
         if s.deterministic:  # batches defined by offsets, whatever order messages arrive in

@@ -12,9 +12,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+NAMES = ("features", "labels", "weights", "categories")  # the arrays of a record, in order
+
 
 class Reservoir:
-    """A uniform sample of at most `capacity` learned records (features, labels, weights)."""
+    """A uniform sample of at most `capacity` learned records: features, labels, weights and, for
+    a model with categorical features, their table rows."""
 
     def __init__(self, capacity: int, ratio: float, seed: int = 0) -> None:
         self.capacity = capacity
@@ -22,32 +25,34 @@ class Reservoir:
         self.seen = 0  # records offered so far
         self.size = 0  # slots filled (fewer than `seen` until the reservoir is full)
         self.rng = np.random.default_rng(seed)
-        self.features: np.ndarray | None = None  # allocated by reserve(), in the records' shape
-        self.labels: np.ndarray | None = None
-        self.weights: np.ndarray | None = None
+        self.arrays: list[np.ndarray] = []  # allocated by reserve(), in the records' shapes
 
-    def sample(self, fresh: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    @property
+    def features(self) -> np.ndarray | None:
+        return self.arrays[0] if self.arrays else None
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self.arrays[1] if self.arrays else None
+
+    def sample(self, fresh: int) -> tuple[np.ndarray, ...] | None:
         """`ratio` times `fresh` records drawn from the reservoir (None while it is empty)."""
         count = round(fresh * self.ratio)
         if not self.size or not count:
             return None
-        assert self.features is not None and self.labels is not None and self.weights is not None
         picks = self.rng.integers(0, self.size, count)
-        return self.features[picks], self.labels[picks], self.weights[picks]
+        return tuple(array[picks] for array in self.arrays)
 
-    def reserve(self, features: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> None:
+    def reserve(self, *records: np.ndarray) -> None:
         """Allocate the reservoir for records like these (before a step, so add() allocates nothing)."""
-        if self.features is None:
-            self.features = np.zeros((self.capacity, *features.shape[1:]), features.dtype)
-            self.labels = np.zeros(self.capacity, labels.dtype)
-            self.weights = np.zeros(self.capacity, weights.dtype)
+        if not self.arrays:
+            self.arrays = [np.zeros((self.capacity, *a.shape[1:]), a.dtype) for a in records]
 
-    def add(self, features: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> None:
+    def add(self, *records: np.ndarray) -> None:
         """Offer learned records: empty slots fill first, then each is kept with probability
         capacity / records seen, replacing a random one (later records win a shared slot)."""
-        self.reserve(features, labels, weights)
-        assert self.features is not None and self.labels is not None and self.weights is not None
-        n = len(labels)
+        self.reserve(*records)
+        n = len(records[0])
         filling = min(n, self.capacity - self.size)
         slots = np.empty(n, np.int64)
         slots[:filling] = self.size + np.arange(filling)
@@ -55,20 +60,17 @@ class Reservoir:
         if n > filling:
             slots[filling:] = self.rng.integers(0, position + 1)
         keep = slots < self.capacity
-        self.features[slots[keep]] = features[keep]
-        self.labels[slots[keep]] = labels[keep]
-        self.weights[slots[keep]] = weights[keep]
+        for array, values in zip(self.arrays, records, strict=True):
+            array[slots[keep]] = values[keep]
         self.size += filling
         self.seen += n
 
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = {}
-        if self.features is not None and self.size:
-            assert self.labels is not None and self.weights is not None
+        if self.arrays and self.size:
             tensors = {
-                "features": torch.from_numpy(self.features[: self.size].copy()),
-                "labels": torch.from_numpy(self.labels[: self.size].copy()),
-                "weights": torch.from_numpy(self.weights[: self.size].copy()),
+                name: torch.from_numpy(array[: self.size].copy())
+                for name, array in zip(NAMES, self.arrays, strict=False)
             }
         return tensors, {"seen": self.seen, "rng": self.rng.bit_generator.state}
 
@@ -78,13 +80,9 @@ class Reservoir:
         self.rng.bit_generator.state = meta["rng"]
         self.size = 0
         if "features" in tensors:
-            features, labels, weights = (tensors[k].numpy() for k in ("features", "labels", "weights"))
-            self.features = None
-            self.reserve(features, labels, weights)
-            assert self.features is not None and self.labels is not None and self.weights is not None
-            self.size = size = min(len(labels), self.capacity)
-            self.features[:size], self.labels[:size], self.weights[:size] = (
-                features[:size],
-                labels[:size],
-                weights[:size],
-            )
+            saved = [tensors[name].numpy() for name in NAMES if name in tensors]
+            self.arrays = []
+            self.reserve(*saved)
+            self.size = size = min(len(saved[0]), self.capacity)
+            for array, values in zip(self.arrays, saved, strict=True):
+                array[:size] = values[:size]

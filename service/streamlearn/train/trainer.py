@@ -17,7 +17,7 @@ from streamlearn.errors import ConfigError, SnapshotMismatch
 from streamlearn.models import OnlineModel
 from streamlearn.records import DecodedBatch
 from streamlearn.train.losses import Loss, LossSettings
-from streamlearn.train.optim import Schedule
+from streamlearn.train.optim import Optimizers, Schedule
 from streamlearn.train.replay import Reservoir
 
 WINDOWS = (1_000, 10_000)  # records, for the fading prequential averages
@@ -51,6 +51,12 @@ class StepResult:
     learned: bool  # False when some records were not learned (a loss or gradient not finite)
     errors: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per record: 0/1 miss, or the loss
     steps: int = 1  # optimizer steps taken
+
+
+def _records(batch: DecodedBatch, part: slice) -> tuple[np.ndarray, ...]:
+    """Part of a batch as the arrays a reservoir keeps: features, labels, weights (, categories)."""
+    arrays = (batch.features[part], batch.labels[part], batch.weights[part])
+    return arrays if batch.categories is None else (*arrays, batch.categories[part])
 
 
 @dataclass
@@ -131,7 +137,7 @@ class Trainer:
     def __init__(
         self,
         model: OnlineModel,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optimizers,
         device: torch.device,
         clip_grad_norm: float | None = None,
         *,
@@ -164,7 +170,10 @@ class Trainer:
         # modes each step would cost a walk over every module for nothing.
         self.modal = any(isinstance(m, MODAL) for m in model.modules())
         self.parameters = list(model.parameters())
-        self.penalized = [p for p in self.parameters if p.dim() > 1]  # L1: weights only
+        # L1: weights only, and not the category table (a penalty on every row is no sparse step)
+        self.penalized = [
+            p for n, p in model.named_parameters() if p.dim() > 1 and not n.startswith("categories.")
+        ]
 
     def step(self, batch: DecodedBatch, pressed: Callable[[], bool] | None = None) -> StepResult:
         """Test the batch, then learn it; `pressed()`: whether the next batch is already waiting.
@@ -174,13 +183,14 @@ class Trainer:
         that step. A failing step is never applied, so the model holds exactly those records.
         """
         x, y, w = (self._to_device(a) for a in (batch.features, batch.labels, batch.weights))
+        c = self._to_device(batch.categories) if batch.categories is not None else None
         model = self.model
 
         # 1. test: predict with the model as it stands, before it sees these labels
         if self.modal:
             model.eval()
         with torch.no_grad():
-            before = model(x)
+            before = model(x, c)
             test_losses = model.head.loss(before, y) * w
             if self.classification:
                 misses = (model.head.predict(before).values != y.long()).float()
@@ -189,11 +199,13 @@ class Trainer:
         test_total = test_losses.sum().item()  # one device sync: a non-finite test loss skips the batch
         n, learned, steps = len(batch), 0, 0
         if math.isfinite(test_total):
-            # 2. learn: the feature scale from the whole batch, then the model, step by step
+            # 2. learn: the feature scale (and category counts) from the whole batch, then the
+            # model, step by step
             normalizer = model.normalizer
             saved = normalizer.stats()
             try:
                 normalizer.update(x)
+                self._observe(c, slice(0, n))
             except BaseException:
                 normalizer.set_stats(saved)
                 raise
@@ -201,7 +213,9 @@ class Trainer:
                 end = self._step_end(learned, n, pressed)
                 part = slice(learned, end)
                 try:
-                    if not self._learn(x[part], y[part], w[part], batch, part):
+                    if not self._learn(
+                        x[part], None if c is None else c[part], y[part], w[part], batch, part
+                    ):
                         break
                 except Exception:
                     if learned == 0:
@@ -210,6 +224,7 @@ class Trainer:
                 learned, steps = end, steps + 1
             if learned < n:  # the feature scale too holds exactly the records learned
                 normalizer.set_stats(saved)
+                self._observe(c, slice(learned, n), -1)
                 if learned:
                     normalizer.update(x[:learned])
         if learned < n:
@@ -234,7 +249,14 @@ class Trainer:
             return n
         return min(n, start + self.sub_batch)
 
-    def _learn(self, x: Tensor, y: Tensor, w: Tensor, batch: DecodedBatch, part: slice) -> bool:
+    def _observe(self, c: Tensor | None, part: slice, sign: int = 1) -> None:
+        """Count (or, sign -1, take back) the category rows of these records (--min-count)."""
+        if c is not None and self.model.categories is not None:
+            self.model.categories.observe(c[part], sign)
+
+    def _learn(
+        self, x: Tensor, c: Tensor | None, y: Tensor, w: Tensor, batch: DecodedBatch, part: slice
+    ) -> bool:
         """One optimizer step on these records (`part` of the batch), and replayed ones if asked.
 
         False, and nothing changed, when the step's loss or gradient is not finite.
@@ -243,21 +265,20 @@ class Trainer:
         try:
             replayed = self.replay.sample(len(y)) if self.replay is not None else None
             if replayed is not None:
-                old_x, old_y, old_w = (self._to_device(a) for a in replayed)
+                old_x, old_y, old_w = (self._to_device(a) for a in replayed[:3])
                 x, y, w = torch.cat([x, old_x]), torch.cat([y, old_y]), torch.cat([w, old_w])
+                if c is not None:
+                    c = torch.cat([c, self._to_device(replayed[3])])
             if self.modal:
                 model.train()
             self.optimizer.zero_grad(set_to_none=True)
             weights = self.loss.weights(y, w)
-            loss = (self.loss.per_record(model(x), y) * weights).sum() / weights.sum().clamp_min(1e-12)
+            loss = (self.loss.per_record(model(x, c), y) * weights).sum() / weights.sum().clamp_min(1e-12)
             if self.l1:
                 loss = loss + self.l1 * sum(p.abs().sum() for p in self.penalized)
             loss.backward()
             # clip, and refuse to step on a non-finite loss or gradient (one device sync per step)
-            grads = [p.grad for p in self.parameters if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads)
-            if self.clip_grad_norm is not None:
-                torch.nn.utils.clip_grads_with_norm_(self.parameters, self.clip_grad_norm, norm)
+            norm = self._clip_gradients()
             finite = bool(torch.isfinite(loss.detach() + norm).item())
         except BaseException:  # nothing of a step that raised stays
             self.optimizer.zero_grad(set_to_none=True)
@@ -266,7 +287,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return False
         fresh = part.stop - part.start
-        records = (batch.features[part], batch.labels[part], batch.weights[part])
+        records = _records(batch, part)
         if self.replay is not None:
             self.replay.reserve(*records)  # what may fail, before the step: after it, nothing may
         self._set_lr(fresh)
@@ -280,6 +301,33 @@ class Trainer:
             self.boost_left -= fresh
         return True
 
+    def _clip_gradients(self) -> Tensor:
+        """The gradients' total norm, after clipping them to --clip-grad-norm if set.
+
+        A category table's gradient is sparse (the rows touched, a row once per use): it is
+        summed per row first, so its norm is that of the step it makes.
+        """
+        dense: list[torch.nn.Parameter] = []
+        grads: list[Tensor] = []
+        sparse: list[Tensor] = []
+        for p in self.parameters:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                p.grad = p.grad.coalesce()
+                sparse.append(p.grad)
+                grads.append(p.grad.values())
+            else:
+                dense.append(p)
+                grads.append(p.grad)
+        norm = torch.nn.utils.get_total_norm(grads)
+        if self.clip_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(dense, self.clip_grad_norm, norm)
+            coefficient = (self.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            for grad in sparse:
+                grad.values().mul_(coefficient)
+        return norm
+
     def _set_lr(self, records: int) -> None:
         """The rate of a step of `records` fresh records: scheduled, scaled by size, boosted."""
         factor = self.schedule.factor(self.learned) * (BOOST_FACTOR if self.boost_left > 0 else 1.0)
@@ -291,7 +339,7 @@ class Trainer:
     def respond_to_drift(self, action: str) -> None:
         """React to a concept drift: boost-lr, reset-optimizer or reset-model (none: nothing)."""
         if action == "reset-optimizer":
-            self.optimizer.state.clear()  # forget moments and step counts; the weights stay
+            self.optimizer.reset()  # forget moments and step counts; the weights stay
         elif action == "boost-lr":
             self.boost_left = BOOST_RECORDS
         elif action == "reset-model":
@@ -300,7 +348,10 @@ class Trainer:
                     learns = all(p.requires_grad for p in module.parameters())
                     if isinstance(module, torch.nn.Linear) and learns:  # frozen layers stay
                         module.reset_parameters()  # the normalizer keeps its statistics
-            self.optimizer.state.clear()
+                table = self.model.categories
+                if table is not None and table.table.weight.requires_grad:
+                    table.table.weight.zero_()  # every category back to "never learned"
+            self.optimizer.reset()
 
     def _to_device(self, array: np.ndarray) -> Tensor:
         tensor = torch.from_numpy(array)

@@ -28,7 +28,7 @@ def load_source(location: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
             tensors = load_safetensors(data)
         except Exception as exc:  # OSError, or safetensors' own errors for a malformed file
             raise ConfigError(f"--init-from {location}: cannot read it: {exc}") from None
-        origin = {"file": location, "sha256": hashlib.sha256(data).hexdigest()}
+        origin: dict[str, Any] = {"file": location, "sha256": hashlib.sha256(data).hexdigest()}
         if any(name.startswith("model.") for name in tensors):  # a snapshot's own weights file
             tensors = {name[6:]: t for name, t in tensors.items() if name.startswith("model.")}
         return tensors, origin
