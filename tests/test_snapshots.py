@@ -116,7 +116,25 @@ def test_metadata_naming_weights_outside_its_version_is_refused(location):
     meta = fs.cat_file(file_of(store, 1, META)).decode()
     escaped = meta.replace('"weights_file": "', '"weights_file": "../../')
     fs.pipe_file(file_of(store, 1, META), escaped.encode())
-    with pytest.raises(SnapshotError, match="no valid weights file"):
+    with pytest.raises(SnapshotError, match="no valid safetensors file"):
+        store.load("m", 1)
+
+
+def test_the_training_state_is_a_file_of_its_own_that_serving_never_reads(location):
+    store = open_store(location)
+    saved = {
+        **tensors(1.0),
+        "optim.0.exp_avg": torch.ones(3),
+        "drift.seen": torch.zeros(2, dtype=torch.uint8),
+    }
+    snapshot = store.save("m", saved, SnapshotContent())
+    assert snapshot.meta.training_file is not None and snapshot.meta.training_bytes > 0
+    assert set(store.load("m", 1).tensors) == set(saved)
+    assert set(store.load("m", 1, training=False).tensors) == set(tensors(1.0))
+    fs, _ = raw(store)
+    fs.pipe_file(file_of(store, 1, snapshot.meta.training_file), b"corrupt")
+    assert set(store.load("m", 1, training=False).tensors) == set(tensors(1.0))  # serving goes on
+    with pytest.raises(SnapshotError, match="training state checksum mismatch"):
         store.load("m", 1)
 
 

@@ -149,6 +149,13 @@ class TrainerMetrics:
             ["feature"],
             registry=registry,
         )
+        self.category_unseen = Gauge(
+            "streamlearn_category_unseen_ratio",
+            "Share of a categorical feature's recent categories (about --drift-window records) whose "
+            "table row no earlier record had used.",
+            ["feature"],
+            registry=registry,
+        )
         self.label_drift = Gauge(
             "streamlearn_label_drift_score",
             "Label drift: PSI of the class priors, or the shift of the label mean in reference std.",

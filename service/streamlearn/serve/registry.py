@@ -103,7 +103,7 @@ class ModelRegistry:
             if version <= served_version:
                 break
             try:
-                served = ServedModel.from_snapshot(self.store.load(name, version))
+                served = ServedModel.from_snapshot(self.store.load(name, version, training=False))
             except SnapshotStoreUnavailable:
                 raise  # an outage, not a bad snapshot: keep serving, retry the next poll
             except Exception as exc:  # a bad snapshot, whatever it trips over, skips only itself

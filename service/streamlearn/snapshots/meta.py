@@ -7,7 +7,7 @@ fields, never string keys. Unknown fields are kept, so a newer writer's addition
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FORMAT = "streamlearn-snapshot/1"
 WEIGHTS = "weights.safetensors"
@@ -49,6 +49,9 @@ class SnapshotMeta(SnapshotContent):
     weights_file: str = WEIGHTS
     weights_sha256: str
     weights_bytes: int
+    training_file: str | None = None  # the optimizer, replay and drift state; older releases: in weights
+    training_sha256: str | None = None
+    training_bytes: int | None = None
 
     @field_validator("format")
     @classmethod
@@ -57,10 +60,16 @@ class SnapshotMeta(SnapshotContent):
             raise ValueError(f"format {value!r} is not {FORMAT!r}, the one this version reads")
         return value
 
-    @field_validator("weights_file")
+    @field_validator("weights_file", "training_file")
     @classmethod
-    def _plain_weights_file(cls, name: str) -> str:
+    def _plain_file(cls, name: str | None) -> str | None:
         """A plain file name in the same version, nothing else."""
-        if not name.endswith(".safetensors") or "/" in name or "\\" in name:
-            raise ValueError(f"meta.json names no valid weights file ({name!r})")
+        if name is not None and (not name.endswith(".safetensors") or "/" in name or "\\" in name):
+            raise ValueError(f"meta.json names no valid safetensors file ({name!r})")
         return name
+
+    @model_validator(mode="after")
+    def _training_checked(self) -> "SnapshotMeta":
+        if self.training_file is not None and self.training_sha256 is None:
+            raise ValueError("meta.json names a training file without its SHA-256")
+        return self

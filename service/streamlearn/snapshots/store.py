@@ -1,21 +1,25 @@
 """The snapshot-store contract: numbered versions per model, each visible whole or not at all.
 
-A snapshot is two files in one version: the weights (safetensors) and meta.json, which carries
-the weights' file name and SHA-256. A backend supplies the storage primitives (list, read,
-publish, prune); saving, checking and choosing the newest good version live here, once.
+A snapshot is up to three files in one version: the model's weights (safetensors), the rest of
+the training state (optimizer, replay, drift detectors; safetensors, which the server never
+reads) and meta.json, which carries both files' names and SHA-256. A backend supplies the
+storage primitives (list, read, publish, prune); saving, checking and choosing the newest good
+version live here, once.
 """
 
 import hashlib
 import logging
 import random
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from pydantic import ValidationError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from safetensors.torch import save_file as save_safetensors_file
 from torch import Tensor
 
 from streamlearn.errors import SnapshotError
@@ -24,6 +28,7 @@ from streamlearn.snapshots.meta import SnapshotContent, SnapshotMeta
 log = logging.getLogger(__name__)
 
 META = "meta.json"
+MODEL_PREFIX = "model."  # the tensors of the weights file; the rest are the training state
 VERSION_DIGITS = 12  # versions are zero-padded, so names sort as numbers do
 CLAIM_ATTEMPTS = 10  # writers racing for a version back off at random, 10 ms to 5 s
 
@@ -90,9 +95,15 @@ class SnapshotStore(ABC):
         return versions[-1] if versions else None
 
     def save(self, model_name: str, tensors: dict[str, Tensor], content: SnapshotContent) -> Snapshot:
-        """Write the next version of a model whole, then prune the old ones."""
-        weights = save_safetensors(tensors)
+        """Write the next version of a model whole, then prune the old ones.
+
+        The model's tensors ("model.*") go to the weights file, the rest to the training file.
+        """
+        weights = serialize({k: t for k, t in tensors.items() if k.startswith(MODEL_PREFIX)})
+        rest = {k: t for k, t in tensors.items() if not k.startswith(MODEL_PREFIX)}
+        training = serialize(rest) if rest else None
         weights_name = self._weights_name()
+        training_name = weights_name.replace("weights", "training", 1)
         for attempt in range(CLAIM_ATTEMPTS):
             version = (self.latest_version(model_name) or 0) + 1
             created = time.time()
@@ -105,8 +116,19 @@ class SnapshotStore(ABC):
                 weights_file=weights_name,
                 weights_sha256=hashlib.sha256(weights).hexdigest(),
                 weights_bytes=len(weights),
+                **(
+                    {}
+                    if training is None
+                    else {
+                        "training_file": training_name,
+                        "training_sha256": hashlib.sha256(training).hexdigest(),
+                        "training_bytes": len(training),
+                    }
+                ),
             )
             files = {weights_name: weights, META: meta.model_dump_json(indent=2).encode()}
+            if training is not None:
+                files[training_name] = training
             if self._publish(model_name, version, files):
                 self.prune(model_name)
                 return Snapshot(model_name, version, meta, tensors)
@@ -114,33 +136,59 @@ class SnapshotStore(ABC):
             time.sleep(random.uniform(0, 0.01 * 2**attempt))
         raise SnapshotError(f"could not claim a new snapshot version for {model_name}")
 
-    def load(self, model_name: str, version: int) -> Snapshot:
-        """One version, its weights checked against the SHA-256 in its metadata."""
+    def load(self, model_name: str, version: int, training: bool = True) -> Snapshot:
+        """One version, its files checked against the SHA-256 in its metadata; without `training`
+        only the model's weights (what serving and warm starts need)."""
         where = f"snapshot {model_name} v{version}"
         try:
             meta = SnapshotMeta.model_validate_json(self._read(model_name, version, META))
-            weights = self._read(model_name, version, meta.weights_file)
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(part) for part in first["loc"]) or "meta.json"
             raise SnapshotError(f"{where} is unreadable: {field}: {first['msg']}") from None
         except (OSError, ValueError) as exc:
             raise SnapshotError(f"{where} is unreadable: {exc}") from None
-        if hashlib.sha256(weights).hexdigest() != meta.weights_sha256:
-            raise SnapshotError(f"{where} is corrupt: weights checksum mismatch")
-        try:
-            tensors = load_safetensors(weights)
-        except Exception as exc:  # safetensors raises its own error types for malformed files
-            raise SnapshotError(f"{where} has malformed weights: {exc}") from None
+        tensors = self._load_file(
+            where, model_name, version, meta.weights_file, meta.weights_sha256, "weights"
+        )
+        if training and meta.training_file is not None:
+            assert meta.training_sha256 is not None  # the meta validator requires both
+            tensors |= self._load_file(
+                where, model_name, version, meta.training_file, meta.training_sha256, "training state"
+            )
         return Snapshot(model_name, version, meta, tensors)
 
-    def load_latest(self, model_name: str, newer_than: int = 0) -> Snapshot | None:
+    def _load_file(
+        self, where: str, model_name: str, version: int, name: str, sha256: str, what: str
+    ) -> dict[str, Tensor]:
+        try:
+            data = self._read(model_name, version, name)
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(f"{where} is unreadable: {exc}") from None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise SnapshotError(f"{where} is corrupt: {what} checksum mismatch")
+        try:
+            return load_safetensors(data)
+        except Exception as exc:  # safetensors raises its own error types for malformed files
+            raise SnapshotError(f"{where} has malformed {what}: {exc}") from None
+
+    def load_latest(self, model_name: str, newer_than: int = 0, training: bool = True) -> Snapshot | None:
         """The newest snapshot that loads and checks out; corrupt ones are skipped with a warning."""
         for version in reversed(self.versions(model_name)):
             if version <= newer_than:
                 return None
             try:
-                return self.load(model_name, version)
+                return self.load(model_name, version, training)
             except SnapshotError as exc:
                 log.warning("skipping snapshot: %s", exc)
         return None
+
+
+def serialize(tensors: dict[str, Tensor]) -> bytes:
+    """The safetensors bytes of `tensors`, through a temporary file: safetensors' save_file works
+    without Python's global lock, while save() holds it for the whole copy, which stalls the
+    trainer's loop for hundreds of milliseconds on a large category table."""
+    with tempfile.TemporaryDirectory(prefix="streamlearn-snapshot-") as directory:
+        path = Path(directory) / "tensors.safetensors"
+        save_safetensors_file(tensors, path)
+        return path.read_bytes()

@@ -75,6 +75,9 @@ class Telemetry:
             if self.drift_per_feature and len(report.feature_psi) <= 100:  # cardinality guard
                 for name, psi in report.feature_psi.items():
                     m.feature_psi.labels(name).set(psi)
+        if len(report.unseen) <= 100:  # cardinality guard
+            for name, share in report.unseen.items():
+                m.category_unseen.labels(name).set(share)
         if report.label_score is not None:
             m.label_drift.set(report.label_score)
         for detector in report.detected:

@@ -38,9 +38,11 @@ def load_source(location: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     try:
         if name.isdigit():  # one version: <root>/<model>/<version>
             root, _, model = parent.rpartition("/")
-            snapshot = open_store(root or ("/" if parent.startswith("/") else ".")).load(model, int(name))
+            snapshot = open_store(root or ("/" if parent.startswith("/") else ".")).load(
+                model, int(name), training=False
+            )
         else:
-            found = open_store(parent or ".").load_latest(name)
+            found = open_store(parent or ".").load_latest(name, training=False)
             if found is None:
                 raise ConfigError(f"--init-from {location}: no snapshot of model {name!r} there")
             snapshot = found
