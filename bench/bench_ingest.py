@@ -84,8 +84,9 @@ def values(n: int, chunk: int = 10_000) -> Iterator[bytes]:
             yield orjson.dumps({"features": row, "label": label, "ts": ts + start + i})
 
 
-def produce(bootstrap: str, topic: str, n: int) -> tuple[float, int]:
-    """Publish n records round-robin over the partitions; seconds taken and bytes of values."""
+def produce(bootstrap: str, topic: str, n: int, source: Iterator[bytes] | None = None) -> tuple[float, int]:
+    """Publish n records (of `source`, by default this benchmark's) round-robin over the
+    partitions; seconds taken and bytes of values."""
     failed: list[KafkaError] = []
     delivered = [0]
 
@@ -107,7 +108,7 @@ def produce(bootstrap: str, topic: str, n: int) -> tuple[float, int]:
     )
     deadline = work_deadline(n, f"producing {n:,} records")
     started, size = time.perf_counter(), 0
-    for i, value in enumerate(values(n)):
+    for i, value in enumerate(source if source is not None else values(n)):
         size += len(value)
         while True:
             try:

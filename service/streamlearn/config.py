@@ -210,6 +210,15 @@ class TrainSettings(_TrainerMetricsPort, _Snapshots, _DeadLetters, _Kafka):
     max_categories: int = Field(
         32, ge=1, le=1024, description="Most categories in one multi-valued feature of a record."
     )
+    embedding_optimizer: Literal["adagrad", "sparse-adam", "sgd"] = Field(
+        "adagrad", description="Optimizer of the category table, which updates only the rows a step touches."
+    )
+    embedding_lr: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="Learning rate of the category table; default: 0.5 (adagrad, sgd), 0.02 (sparse-adam).",
+    )
     arch: str = Field("mlp", description="Model architecture: linear or mlp (see models.py).")
     hidden: Annotated[tuple[int, ...], NoDecode] = Field(
         (64, 64), description="Hidden layer widths of the MLP, comma-separated."

@@ -334,7 +334,8 @@ class MLPModel(OnlineModel, arch="mlp"):
     defaults = {"dropout": 0.0}
 
     def __init__(self, spec: ModelSpec) -> None:
-        super().__init__(spec)
+        # each category's row: its weight per output (the wide, linear part), then its embedding
+        super().__init__(spec, category_dim=spec.features.embedding_dim + spec.labels.n_outputs)
         features = spec.features
         widths = [
             features.n_features + len(features.category_features) * features.embedding_dim,
@@ -350,9 +351,11 @@ class MLPModel(OnlineModel, arch="mlp"):
         self.layers = nn.Sequential(*layers)
 
     def scores(self, x: Tensor, categories: Tensor | None = None) -> Tensor:
-        if categories is not None:
-            x = torch.cat([x, categories.flatten(1)], dim=1)
-        return self.layers(x)
+        if categories is None:
+            return self.layers(x)
+        outputs = self.spec.labels.n_outputs
+        deep = self.layers(torch.cat([x, categories[:, :, outputs:].flatten(1)], dim=1))
+        return deep + categories[:, :, :outputs].sum(dim=1)
 
 
 def architecture(arch: str) -> type[OnlineModel]:

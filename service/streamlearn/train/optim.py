@@ -15,6 +15,10 @@ from streamlearn.models import OnlineModel
 
 FUSED = {"sgd", "adam", "adamw"}  # one kernel per step on CPU and CUDA instead of a loop in Python
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "radam")
+# The category table's rate by its optimizer: rows are updated only when their category occurs, so
+# they take larger steps than the dense layers (payments stream, docs/benchmarks.md: adagrad at
+# 0.5 gave the lowest log loss of 0.1, 0.2, 0.5 and 1.0; sparse-adam at 0.02 of 0.005, 0.02, 0.05).
+EMBEDDING_LR = {"adagrad": 0.5, "sparse-adam": 0.02, "sgd": 0.5}
 SCHEDULES = ("constant", "inverse-sqrt", "cyclic", "cosine-restarts")
 
 
@@ -27,6 +31,8 @@ class OptimizerSettings:
     weight_decay: float = 0.0
     momentum: float = 0.0
     nesterov: bool = False
+    embedding_optimizer: str = "adagrad"
+    embedding_lr: float | None = None  # None: EMBEDDING_LR of the embedding optimizer
 
     @classmethod
     def of(cls, settings: Any) -> "OptimizerSettings":
@@ -66,17 +72,21 @@ def make_optimizer(model: OnlineModel, settings: OptimizerSettings) -> "Optimize
 
 
 def sparse_optimizer(table: torch.Tensor, settings: OptimizerSettings) -> torch.optim.Optimizer:
-    """The category table's optimizer, which touches only the rows a step's gradient holds.
-
-    sgd (plain: momentum would update every row) and adagrad handle sparse gradients as they
-    are; every other optimizer's table gets SparseAdam (Adam on the rows touched, "lazy Adam").
-    No weight decay: it would shrink every row on every step.
+    """The category table's optimizer (--embedding-optimizer), which touches only the rows a
+    step's gradient holds: adagrad (a rate per weight that shrinks as its gradients add up, as
+    Vowpal Wabbit's updates), sparse-adam (Adam on the rows touched, "lazy Adam") or plain sgd
+    (momentum would update every row). No weight decay: it would shrink every row on every step.
     """
-    if settings.optimizer == "sgd":
-        return torch.optim.SGD([table], lr=settings.lr)
-    if settings.optimizer == "adagrad":
-        return torch.optim.Adagrad([table], lr=settings.lr)
-    return torch.optim.SparseAdam([table], lr=settings.lr)
+    s = settings
+    # torch's default (no invariant checks on sparse tensors it builds itself), said explicitly:
+    # left implicit, Adagrad's first sparse step warns about it.
+    torch.sparse.check_sparse_tensor_invariants.disable()
+    lr = s.embedding_lr if s.embedding_lr is not None else EMBEDDING_LR[s.embedding_optimizer]
+    if s.embedding_optimizer == "sgd":
+        return torch.optim.SGD([table], lr=lr)
+    if s.embedding_optimizer == "sparse-adam":
+        return torch.optim.SparseAdam([table], lr=lr)
+    return torch.optim.Adagrad([table], lr=lr)
 
 
 class Optimizers:
@@ -88,6 +98,11 @@ class Optimizers:
 
     def __init__(self, parts: list[torch.optim.Optimizer]) -> None:
         self.parts = parts
+
+    @property
+    def names(self) -> list[str]:
+        """The optimizers' class names, in order (a snapshot's state fits only the same ones)."""
+        return [type(part).__name__ for part in self.parts]
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:

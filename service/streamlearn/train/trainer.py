@@ -390,6 +390,7 @@ class Trainer:
             "boost_left": self.boost_left,
             "replay": replay,
             "frozen": sorted(name for name, p in self.model.named_parameters() if not p.requires_grad),
+            "optimizers": self.optimizer.names,
         }
         return tensors, meta
 
@@ -404,6 +405,12 @@ class Trainer:
             raise SnapshotMismatch(
                 f"the snapshot was learned with frozen parameters {meta.get('frozen', [])}, not {frozen}: "
                 "keep --freeze as it was, or use another --model-name"
+            )
+        saved = meta.get("optimizers", self.optimizer.names)  # older snapshots did not say
+        if saved != self.optimizer.names:
+            raise SnapshotMismatch(
+                f"the snapshot was learned with the optimizers {saved}, not {self.optimizer.names}: "
+                "keep --optimizer and --embedding-optimizer as they were, or use another --model-name"
             )
         self.model.load_state({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         slots: dict[int, dict[str, Any]] = {}
