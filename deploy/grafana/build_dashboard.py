@@ -35,6 +35,9 @@ ROWS = {
         ("Drift detections (5m)", "short", [
             ("sum by (detector) (increase(streamlearn_drift_detections_total[5m]))", "{{detector}}"),
         ]),
+        ("Never-seen categories (share)", "percentunit", [
+            ("streamlearn_category_unseen_ratio", "{{feature}} {{instance}}"),
+        ]),
     ],
     "Pipeline health": [
         ("Consumer lag", "short", [("sum by (partition) (streamlearn_consumer_lag_records)", "partition {{partition}}")]),
