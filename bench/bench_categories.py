@@ -263,7 +263,7 @@ def main() -> list[str]:
     events = payments()
     fraud = np.mean([e["label"] for e in events])
     quality = [
-        ("Streamlearn MLP (default: wide and deep, 64,64, embeddings of 8)", *streamlearn_scores(events, "mlp")),
+        ("Streamlearn MLP (default: wide and deep, 64,64, 8)", *streamlearn_scores(events, "mlp")),
         ("Streamlearn linear (hashed one-hot)", *streamlearn_scores(events, "linear")),
         ("Vowpal Wabbit (logistic, -b 18)", *vw_scores(events)),
         ("River OneHotEncoder + LogisticRegression", *river_scores(events)),
