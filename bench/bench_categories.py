@@ -106,16 +106,13 @@ def ingest_rates() -> tuple[dict[str, list[float]], dict[str, int]]:
             ),
         ]
         for run in range(RUNS):
-            for label, topic, extra in plan if run % 2 == 0 else reversed(plan):
+            for index, (label, topic, extra) in enumerate(plan if run % 2 == 0 else reversed(plan)):
                 port = free_port()
+                snapshots = str(root / f"snapshots-{run}-{index}")  # a fresh model each run
                 command = ingest.streamlearn_command() + ingest.train_args(
-                    broker.bootstrap,
-                    topic,
-                    str(root / f"snapshots-{run}-{len(runs.get(label, []))}"),
-                    port,
-                    extra,
+                    broker.bootstrap, topic, snapshots, port, extra
                 )
-                log = root / f"trainer-{topic}-{run}.log"
+                log = root / f"trainer-{run}-{index}.log"
                 result = ingest.run_trainer(command, port, log, N_INGEST, label)
                 runs.setdefault(label, []).append(result.rate)
     return runs, sizes

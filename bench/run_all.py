@@ -5,6 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import bench_categories
 import bench_freshness
 import bench_ingest
 import bench_learning
@@ -26,6 +27,7 @@ def main() -> None:
         *bench_serving.main(),
         *bench_snapshots.main(),
         *bench_learning.main(),
+        *bench_categories.main(),
         *bench_order.main(),
         *bench_freshness.main(),
     ]
