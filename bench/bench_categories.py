@@ -12,7 +12,7 @@ and snapshots of a large category table.
    learning core gets micro-batches of 256; Vowpal Wabbit (logistic loss, 2^18 hashed weights,
    namespaces for the numeric, categorical and tag features) and River (StandardScaler on the
    numbers, OneHotEncoder on the categories, LogisticRegression) learn one record at a time.
-3. Snapshots: one step of an MLP with a 2^20 x 16 table (SparseAdam), then the time the loop
+3. Snapshots: one step of an MLP with a 2^20 x 16 table (adagrad), then the time the loop
    spends taking a snapshot's tensors, the writer's time, the longest another thread waited for
    Python's lock meanwhile, the loads by a trainer (all) and a server (weights only), and sizes.
 """
@@ -204,7 +204,7 @@ def snapshot_figures() -> list[tuple[str, str]]:
     batch = decoder.decode(
         [orjson.dumps({"features": {"x": 1.0, "id": f"u{k}"}, "label": 1}) for k in range(256)]
     )
-    trainer.step(batch)  # SparseAdam's moments now exist for the whole table
+    trainer.step(batch)  # the optimizers' state now exists for the whole table
     gaps: list[float] = []
     stop = threading.Event()
 
@@ -245,7 +245,7 @@ def snapshot_figures() -> list[tuple[str, str]]:
     return [
         ("weights.safetensors (model: table, layers, normalizer)", f"{meta.weights_bytes / 2**20:,.0f} MiB"),
         (
-            "training.safetensors (SparseAdam's moments, Adam's, ...)",
+            "training.safetensors (the table's adagrad sums, the layers' Adam moments)",
             f"{(meta.training_bytes or 0) / 2**20:,.0f} MiB",
         ),
         ("taking the tensors, on the loop (copy and finite check)", ms(taking)),
@@ -307,8 +307,9 @@ def main() -> list[str]:
             "Categorical features: snapshots of a 2^20 x 16 table",
             ("what", "figure"),
             snapshot_rows,
-            f"An MLP (64,64) with one categorical feature in 2^20 rows of 16 (64 MiB), after one "
-            f"SparseAdam step; medians of {SNAPSHOT_REPEATS} snapshots to a local directory.",
+            "An MLP (64,64) with one categorical feature in 2^20 rows of 16 embedding numbers and "
+            "the wide part's weight (68 MiB), after one step (adagrad on the table); medians of "
+            f"{SNAPSHOT_REPEATS} snapshots to a local directory.",
         ),
     ]
 
