@@ -259,6 +259,9 @@ def test_the_server_predicts_for_unseen_categories_and_refuses_wrong_kinds(tmp_p
         assert unseen.status_code == 200
         probabilities = unseen.json()["probabilities"]
         assert probabilities[0] == probabilities[1]  # an unseen category is as no category
+        status = client.get("/v1/models/default").json()
+        assert status["feature_names"] == ["amount"] and status["categorical_features"] == ["merchant"]
+        assert status["drift"]["unseen_categories"]["merchant"] >= 0
         wrong = predict([{"amount": 0.0, "merchant": 5}])
         assert wrong.status_code == 422 and "instance 0" in wrong.json()["error"]
 
@@ -286,3 +289,22 @@ def test_category_drift_and_unseen_share_are_reported():
     assert "feature_psi" in report.detected or monitor.detections.get("feature_psi")
     assert report.unseen["merchant"] > 0.5
     assert monitor.to_dict()["unseen_categories"]["merchant"] > 0.5
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            {"categorical": "a", "multi_categorical": "a"},
+            "'a' is in both --categorical and --multi-categorical",
+        ),
+        ({"numeric": "a", "categorical": "a"}, "'a' is in both --numeric and --categorical"),
+        ({"feature_names": "a,b", "categorical": "b"}, "'b' is in --feature-names (numeric)"),
+        ({"feature_names": "a", "numeric": "z"}, "--numeric names a feature that --feature-names lacks"),
+    ],
+)
+def test_contradicting_kinds_are_a_one_line_error(flags, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainSettings(task="binary", **flags)

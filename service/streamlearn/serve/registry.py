@@ -51,6 +51,8 @@ class ServedModel:
             "classes": spec.labels.class_names if spec.labels.task != "regression" else [],
             "n_features": spec.features.n_features,
             "feature_names": list(spec.features.names),
+            "categorical_features": list(spec.features.categorical),
+            "multi_categorical_features": list(spec.features.multi_valued),
             "arch": spec.arch,
             "drift": self.meta.drift,
         }

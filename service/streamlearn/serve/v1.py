@@ -41,8 +41,10 @@ class ModelStatus(BaseModel):
     created_at: str
     task: str
     classes: list[str]
-    n_features: int
+    n_features: int  # the numeric ones
     feature_names: list[str]
+    categorical_features: list[str] = []  # one string each
+    multi_categorical_features: list[str] = []  # a list of strings each
     arch: str
     drift: dict[str, Any] | None
 
