@@ -13,6 +13,7 @@ import bench_order
 import bench_pipeline
 import bench_restart
 import bench_serving
+import bench_serving_load
 import bench_snapshots
 import bench_training
 from common import DOCS, machine
@@ -25,6 +26,7 @@ def main() -> None:
         *bench_ingest.main(),
         *bench_restart.main(),
         *bench_serving.main(),
+        *bench_serving_load.main(),
         *bench_snapshots.main(),
         *bench_learning.main(),
         *bench_categories.main(),

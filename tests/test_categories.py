@@ -199,15 +199,18 @@ def test_rare_categories_share_a_row_until_seen_min_count_times():
     assert table.rows(ids).item() == 64
 
 
-def test_table_and_optimizer_state_round_trip_through_a_snapshot(tmp_path):
+@pytest.mark.parametrize(
+    "options", [{"min_count": 2}, {"replay_records": 200, "embedding_optimizer": "sparse-adam"}]
+)
+def test_table_and_optimizer_state_round_trip_through_a_snapshot(tmp_path, options):
     values = per_merchant_stream(1024, seed=4)
-    first, settings = learner_for("mlp", min_count=2)
+    first, settings = learner_for("mlp", **options)
     decoder = learn(first, settings, values[:512])
     store = LocalSnapshotStore(tmp_path)
     tensors, content = first.content({})
     snapshot = store.save("m", tensors, content)
 
-    second, _ = learner_for("mlp", min_count=2)
+    second, _ = learner_for("mlp", **options)
     second.restore(store.load("m", snapshot.version), decoder.features)
     for start in range(512, 1024, 64):  # both go on with the same records
         batch = decoder.decode(values[start : start + 64])
@@ -215,7 +218,10 @@ def test_table_and_optimizer_state_round_trip_through_a_snapshot(tmp_path):
         second.learn(batch, decoder.features)
     a, b = first.trainer.model.state_dict(), second.trainer.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert first.trainer.model.categories.counts.sum() > 0
+    if options.get("min_count"):
+        assert first.trainer.model.categories.counts.sum() > 0
+    else:  # the reservoir keeps the records' categories too
+        assert first.trainer.replay.arrays[3].shape == (200, 1)
 
 
 @pytest.mark.parametrize(

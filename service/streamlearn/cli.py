@@ -111,6 +111,9 @@ def run_serve(settings: ServeSettings) -> int:
             deepen_listen_queues(getattr(self, "servers", ()))
 
     ensure_port_free(settings.host, settings.port, "prediction server")
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)  # torch's default, one per core, thrashes under load
     app = create_app(settings)
     capacity = fit_open_files(settings.max_connections)
     guard = ConnectionGuard(

@@ -419,6 +419,13 @@ class ServeSettings(_ServerPort, _Snapshots):
     host: str = Field("127.0.0.1", description="Address the server listens on.")
     reload_interval_s: float = Field(0.2, gt=0, le=60, description="How often to look for a new snapshot.")
     max_instances: int = Field(1024, ge=1, description="Most instances in one predict request.")
+    torch_threads: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Threads torch may use for one predict; requests already run side by side, and "
+        "more threads fight over the cores (one predicts 256 instances in about 0.6 ms).",
+    )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body, in bytes.")
     max_connections: int = Field(
         1000,

@@ -98,7 +98,9 @@ def create_app(settings: ServeSettings | None = None, registry: CollectorRegistr
         """Prometheus metrics, in its text format."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(v1.router(DataPlane(models, metrics, settings.max_instances)))
+    dataplane = DataPlane(models, metrics, settings.max_instances)
+    app.include_router(v1.router(dataplane))
+    app.router.routes[:0] = v1.fast_routes(dataplane)  # matched first; the documented route describes it
     return app
 
 

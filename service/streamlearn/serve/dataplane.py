@@ -2,12 +2,19 @@
 
 Routers (v1.py) stay a few lines: they hand the body here and return what comes back. Every
 prediction is finite or refused with the instance that caused it.
+
+A body is decoded by msgspec into typed instances in one pass in C, and feature lists go
+straight into a float32 array; only a body msgspec refuses goes through pydantic, whose error
+names what is wrong, so both paths accept and refuse the same bodies with the same messages.
+The answer is encoded by orjson, arrays and all.
 """
 
 from collections.abc import Mapping
 from typing import Annotated, Any
 
+import msgspec
 import numpy as np
+import orjson
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
@@ -36,6 +43,19 @@ class PredictRequest(BaseModel):
     instances: list[list[Number] | dict[str, Value]] = Field(min_length=1)
 
 
+_Text = Annotated[str, msgspec.Meta(max_length=10_000)]  # the bounds of Value, below
+_Texts = Annotated[list[str], msgspec.Meta(max_length=1024)]
+
+
+class _FastRequest(msgspec.Struct):
+    """A V1 request as msgspec reads it; other fields are ignored, as pydantic ignores them."""
+
+    instances: list[list[float] | dict[str, float | _Text | _Texts | None]]
+
+
+_FAST_REQUEST = msgspec.json.Decoder(_FastRequest)
+
+
 class DataPlane:
     """Decode -> predict -> encode, for any protocol's router."""
 
@@ -44,16 +64,16 @@ class DataPlane:
         self.metrics = metrics
         self.max_instances = max_instances
 
-    def predict_v1(self, name: str, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
-        """A KServe V1 predict: the request's body in, the response's body out."""
+    def predict_v1(self, name: str, headers: Mapping[str, str], body: bytes) -> bytes:
+        """A KServe V1 predict: the request's body in, the response's JSON body out."""
         require_json(headers)
-        request = parse_predict_request(body)
-        if len(request.instances) > self.max_instances:
-            raise BadRequest(f"too many instances: {len(request.instances)} > {self.max_instances}")
+        instances = parse_instances(body)
+        if len(instances) > self.max_instances:
+            raise BadRequest(f"too many instances: {len(instances)} > {self.max_instances}")
         served = self.models.get(name)  # one model for the whole request, whatever reloads meanwhile
-        prediction = predict_finite(served, *features(served, request.instances))
-        self.metrics.predict_instances.labels(name).inc(len(request.instances))
-        return encode_v1(served, prediction)
+        prediction = predict_finite(served, *features(served, instances))
+        self.metrics.predict_instances.labels(name).inc(len(instances))
+        return orjson.dumps(encode_v1(served, prediction), option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def require_json(headers: Mapping[str, str]) -> None:
@@ -67,6 +87,16 @@ def require_json(headers: Mapping[str, str]) -> None:
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaType(f"Content-Encoding {encoding[:60]!r} is not supported: send plain JSON")
+
+
+def parse_instances(body: bytes) -> list[Any]:
+    """The body's instances: 400 if it is not JSON, 422 if it is not a request."""
+    try:
+        instances = _FAST_REQUEST.decode(body).instances
+    except (msgspec.MsgspecError, RecursionError):
+        instances = []
+    # An empty list, like any body msgspec refuses, gets pydantic's word for what is wrong.
+    return instances if instances else parse_predict_request(body).instances
 
 
 def parse_predict_request(body: bytes) -> PredictRequest:
@@ -90,6 +120,16 @@ def features(served: ServedModel, instances: list[Any]) -> tuple[torch.Tensor, t
     """Instances as a float32 batch in the model's feature order, and their categories' hashed
     rows (None for a model without categorical features); 422 naming a bad instance."""
     spec = served.model.spec.features
+    if not spec.category_features and all(type(row) is list for row in instances):
+        try:  # feature lists of the right length: one array, no per-instance work
+            with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+                array = np.asarray(instances, dtype=np.float32)
+        except ValueError:  # ragged
+            array = None
+        if array is not None and array.shape == (len(instances), spec.n_features):
+            x = torch.from_numpy(array)
+            _refuse_non_finite(x, "a feature does not fit float32 (|x| > 3.4e38)")
+            return x, None
     rows, categories = [], []
     for index, instance in enumerate(instances):
         try:
@@ -125,17 +165,21 @@ def encode_v1(served: ServedModel, prediction: Prediction) -> dict[str, Any]:
     response: dict[str, Any] = {"model_name": served.name, "model_version": served.version}
     labels = served.model.spec.labels
     if prediction.probabilities is None:
-        response["predictions"] = prediction.values.tolist()
+        response["predictions"] = prediction.values.contiguous().numpy()
     else:
-        indices = prediction.values.tolist()
-        response["predictions"] = [labels.classes[i] for i in indices] if labels.classes else indices
-        response["probabilities"] = prediction.probabilities.tolist()
+        indices = prediction.values.contiguous().numpy()
+        response["predictions"] = [labels.classes[i] for i in indices.tolist()] if labels.classes else indices
+        response["probabilities"] = prediction.probabilities.contiguous().numpy()
     return response
 
 
 def _refuse_non_finite(values: torch.Tensor, reason: str) -> None:
-    """BadRequest naming the first instance (row) with a NaN or an infinity, if any."""
-    finite = torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
-    if not finite.all():
-        index = int((~finite).nonzero()[0])
-        raise BadRequest(f"instance {index}: {reason}")
+    """BadRequest naming the first instance (row) with a NaN or an infinity, if any.
+
+    numpy checks the common case, all finite, in microseconds (a torch op costs 10-20 µs to
+    dispatch, and a predict runs three of these checks)."""
+    array = values.numpy().reshape(len(values), -1)
+    if np.isfinite(array).all():
+        return
+    index = int(np.nonzero(~np.isfinite(array).all(axis=1))[0][0])
+    raise BadRequest(f"instance {index}: {reason}")
