@@ -4,6 +4,7 @@ import asyncio
 import gzip
 import math
 import time
+from datetime import datetime
 
 import httpx
 import numpy as np
@@ -77,6 +78,9 @@ def test_classification_returns_class_names_and_probabilities(client, store):
     body = response.json()
     assert response.status_code == 200, body
     assert body["model_name"] == "fraud" and body["model_version"] == 1
+    status = client.get("/v1/models/fraud").json()
+    written = datetime.fromisoformat(status["created_at"]).timestamp()
+    assert 0 <= body["model_age_s"] <= time.time() - written + 0.01  # the answering snapshot's age
     expected = trainer.model.cpu().predict_batch(torch.tensor([[90.0, 100, 110], [1, 2, 3]]))
     assert body["predictions"] == [["no", "yes"][i] for i in expected.values.tolist()]
     np.testing.assert_allclose(body["probabilities"], expected.probabilities.numpy(), atol=1e-6)

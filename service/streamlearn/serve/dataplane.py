@@ -9,6 +9,7 @@ names what is wrong, so both paths accept and refuse the same bodies with the sa
 The answer is encoded by orjson, arrays and all.
 """
 
+import time
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -162,7 +163,11 @@ def predict_finite(served: ServedModel, x: torch.Tensor, ids: torch.Tensor | Non
 
 def encode_v1(served: ServedModel, prediction: Prediction) -> dict[str, Any]:
     """KServe V1's answer: predictions (class names when the model has them), probabilities."""
-    response: dict[str, Any] = {"model_name": served.name, "model_version": served.version}
+    response: dict[str, Any] = {
+        "model_name": served.name,
+        "model_version": served.version,
+        "model_age_s": round(max(time.time() - served.meta.created_at_ms / 1000, 0.0), 3),
+    }
     labels = served.model.spec.labels
     if prediction.probabilities is None:
         response["predictions"] = prediction.values.contiguous().numpy()

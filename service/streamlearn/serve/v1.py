@@ -30,6 +30,7 @@ class PredictResponse(BaseModel):
     probabilities: list[list[float]] | None = None
     model_name: str
     model_version: int
+    model_age_s: float  # seconds since the snapshot that answered was written
 
 
 class ModelStatus(BaseModel):
