@@ -75,7 +75,7 @@ def test_every_answer_conforms_to_the_openapi_document(tmp_path):
         f"{tally['5xx']} 5xx, {len(violations)} violations"
     )
     print(sorted(tally.items()))
-    assert tally["operations"] == 6 and tally["requests"] >= 300
+    assert tally["operations"] == 7 and tally["requests"] >= 300
     predicted = {code: tally[f"POST /v1/models/{{name}}:predict {code}"] for code in (200, 404, 422)}
     assert all(predicted.values()), predicted  # generated requests reached the model, and beyond
     assert tally["5xx"] == 0 and not violations, "\n".join(violations[:5])

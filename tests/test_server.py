@@ -157,6 +157,18 @@ def test_a_new_snapshot_is_served_after_a_reload(client, store):
     )
 
 
+def test_the_versions_of_a_model_are_listed_with_the_served_one(client, store):
+    trainer = trained(REGRESSION)
+    for _ in range(3):
+        write_snapshot(store, "default", trainer)
+    wait_for(lambda: client.get("/v1/models/default").json().get("version") == 3)
+    answer = client.get("/v1/models/default/versions")
+    assert answer.status_code == 200
+    assert answer.json() == {"name": "default", "served": 3, "versions": [1, 2, 3]}
+    missing = client.get("/v1/models/other/versions")
+    assert missing.status_code == 404 and "not found" in missing.json()["error"]
+
+
 def test_a_corrupt_newest_snapshot_is_not_served(client, store, tmp_path_factory):
     write_snapshot(store, "default", trained(REGRESSION), records=1)
     wait_for(lambda: client.get("/readyz").status_code == 200)

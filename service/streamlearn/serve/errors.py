@@ -17,6 +17,7 @@ from streamlearn.errors import (
     MalformedBody,
     ModelNotFound,
     ModelNotReady,
+    SnapshotStoreUnavailable,
     StreamlearnError,
     UnsupportedMediaType,
 )
@@ -31,6 +32,7 @@ STATUS: dict[type[StreamlearnError], int] = {
     BadRequest: 422,
     ModelNotFound: 404,
     ModelNotReady: 503,
+    SnapshotStoreUnavailable: 503,  # listing versions while the store is out
 }
 
 

@@ -84,6 +84,11 @@ class ModelRegistry:
             raise ModelNotReady("no snapshot has been loaded yet")
         raise ModelNotFound(f"model {name!r} not found; served models: {sorted(models)}")
 
+    def versions(self, name: str) -> dict[str, Any]:
+        """The versions of a served model in the store, oldest first, and the one being served."""
+        served = self.get(name)  # ModelNotReady / ModelNotFound as for a predict
+        return {"name": name, "served": served.version, "versions": self.store.versions(name)}
+
     def refresh(self) -> list[ServedModel]:
         """Load every model whose newest snapshot is newer than the one served; return the new ones."""
         loaded = []

@@ -1,5 +1,6 @@
 """The KServe V1 routes: list models, describe one, predict. Each hands its work to the data plane."""
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request, Response
@@ -51,6 +52,14 @@ class ModelStatus(BaseModel):
     drift: dict[str, Any] | None
 
 
+class ModelVersions(BaseModel):
+    """What GET /v1/models/{name}/versions lists."""
+
+    name: str
+    served: int  # the version predictions come from
+    versions: list[int]  # in the store, oldest first
+
+
 def _predict_body(max_instances: int) -> dict[str, Any]:
     schema = PredictRequest.model_json_schema()
     schema["properties"]["instances"]["maxItems"] = max_instances
@@ -82,6 +91,21 @@ def router(dataplane: DataPlane) -> APIRouter:
     async def model_status(name: ModelName) -> dict[str, Any]:
         """Readiness, version and provenance of one model."""
         return models.get(name).describe()
+
+    @v1.get(
+        "/models/{name:model}/versions",
+        response_model=ModelVersions,
+        responses=errors(
+            {
+                404: "No model of that name.",
+                422: "The name does not match the model name pattern.",
+                503: "No snapshot loaded yet, the snapshot store is unreachable, or too many connections.",
+            }
+        ),
+    )
+    async def model_versions(name: ModelName) -> dict[str, Any]:
+        """The versions of one model in the store (the newest --keep-snapshots), and the served one."""
+        return await asyncio.to_thread(models.versions, name)
 
     @v1.post(
         "/models/{name:model}:predict",
