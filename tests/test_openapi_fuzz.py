@@ -47,11 +47,11 @@ def fuzz(operation, mode, pinned, session, tally: Counter, violations: list[str]
 
 def runs(operation) -> list[tuple[GenerationMode, dict | None]]:
     """Valid and invalid requests; for a model route, with any name, then with the served model's
-    name so that generated bodies reach the model."""
+    name (and version) so that generated bodies reach the model."""
     positive, negative = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
     if not operation.path_parameters:
         return [(positive, None)]
-    served = {"name": "default"}
+    served = {"name": "default", **({"version": "1"} if "version" in operation.path_parameters else {})}
     if not operation.body:
         return [(positive, None), (negative, None), (positive, served)]
     return [(positive, None), (negative, None), (positive, served), (negative, served)]
@@ -75,8 +75,10 @@ def test_every_answer_conforms_to_the_openapi_document(tmp_path):
         f"{tally['5xx']} 5xx, {len(violations)} violations"
     )
     print(sorted(tally.items()))
-    assert tally["operations"] == 7 and tally["requests"] >= 300
+    assert tally["operations"] == 16 and tally["requests"] >= 300
     predicted = {code: tally[f"POST /v1/models/{{name}}:predict {code}"] for code in (200, 404, 422)}
     assert all(predicted.values()), predicted  # generated requests reached the model, and beyond
+    inferred = {code: tally[f"POST /v2/models/{{name}}/infer {code}"] for code in (200, 400, 404)}
+    assert all(inferred.values()), inferred
     assert tally["5xx"] == 0 and not violations, "\n".join(violations[:5])
     assert "Traceback" not in log

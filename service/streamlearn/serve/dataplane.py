@@ -1,7 +1,8 @@
 """The data plane: a predict request's body is decoded, predicted by the served model, and encoded.
 
-Routers (v1.py) stay a few lines: they hand the body here and return what comes back. Every
-prediction is finite or refused with the instance that caused it.
+Routers (v1.py, v2.py) stay a few lines: they hand the body here and return what comes back.
+Every prediction is finite or refused with the instance that caused it. V2's tensors are
+decoded and encoded in v2_tensors.py.
 
 A body is decoded by msgspec into typed instances in one pass in C, and feature lists go
 straight into a float32 array; only a body msgspec refuses goes through pydantic, whose error
@@ -19,9 +20,10 @@ import orjson
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
-from streamlearn.errors import BadRequest, InvalidRecord, MalformedBody, UnsupportedMediaType
+from streamlearn.errors import BadRequest, InvalidRecord, MalformedBody, ModelNotFound, UnsupportedMediaType
 from streamlearn.metrics import ServerMetrics
 from streamlearn.models import Prediction
+from streamlearn.serve import v2_tensors
 from streamlearn.serve.registry import ModelRegistry, ServedModel
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -76,15 +78,42 @@ class DataPlane:
         self.metrics.predict_instances.labels(name).inc(len(instances))
         return orjson.dumps(encode_v1(served, prediction), option=orjson.OPT_SERIALIZE_NUMPY)
 
+    def infer_v2(
+        self, name: str, version: str | None, headers: Mapping[str, str], body: bytes
+    ) -> tuple[bytes, int | None]:
+        """An Open Inference Protocol (V2) infer: the request's body in; the response's body out,
+        with the length of its JSON header when binary tensor data follows it."""
+        binary = v2_tensors.HEADER_LENGTH in headers
+        require_json(headers, also=("application/octet-stream",) if binary else ())
+        served = self.served(name, version)
+        request = v2_tensors.decode_infer(served, headers, body, self.max_instances)
+        x = torch.from_numpy(request.features)
+        _refuse_non_finite(x, "a feature is NaN, infinite or beyond float32 (|x| > 3.4e38)")
+        prediction = predict_finite(served, x)
+        self.metrics.predict_instances.labels(name).inc(len(x))
+        return v2_tensors.encode_infer(served, prediction, request)
 
-def require_json(headers: Mapping[str, str]) -> None:
-    """Refuse a body declared as anything but uncompressed JSON; no Content-Type at all is JSON."""
+    def served(self, name: str, version: str | None = None) -> ServedModel:
+        """The model answering for `name`; a version named in the path must be the served one."""
+        served = self.models.get(name)
+        if version is not None and version != str(served.version):
+            raise ModelNotFound(
+                f"model {name!r} version {version[:20]!r} is not served: the served version is "
+                f"{served.version}, the newest"
+            )
+        return served
+
+
+def require_json(headers: Mapping[str, str], also: tuple[str, ...] = ()) -> None:
+    """Refuse a body declared as anything but uncompressed JSON (or a media type in `also`); no
+    Content-Type at all is JSON."""
     media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
     is_json = media_type == "application/json" or (
         media_type.startswith("application/") and media_type.endswith("+json")
     )
-    if media_type and not is_json:
-        raise UnsupportedMediaType(f"Content-Type must be application/json, not {media_type[:60]!r}")
+    if media_type and not is_json and media_type not in also:
+        expected = " or ".join(("application/json", *also))
+        raise UnsupportedMediaType(f"Content-Type must be {expected}, not {media_type[:60]!r}")
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaType(f"Content-Encoding {encoding[:60]!r} is not supported: send plain JSON")

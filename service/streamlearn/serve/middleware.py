@@ -120,7 +120,8 @@ class _TooSlow(Exception):
 
 
 class PredictMetrics:
-    """Counts and times predict requests by model and status code (none for a client that left)."""
+    """Counts and times predict requests (V1 :predict, V2 /infer) by model and status code (none for a
+    client that left)."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics, models: ModelRegistry) -> None:
         self.app = app
@@ -128,7 +129,8 @@ class PredictMetrics:
         self.models = models
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].endswith(":predict"):
+        name = _predicted_model(scope["path"]) if scope["type"] == "http" else None
+        if name is None:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -143,10 +145,18 @@ class PredictMetrics:
         await self.app(scope, receive, send_noting_status)
         if status is None:
             return
-        name = scope["path"].rsplit("/", 1)[-1].removesuffix(":predict")
         label = name if name in self.models.names else "_unknown"  # bounded: only served names
         self.metrics.predict_latency.labels(label).observe(time.perf_counter() - started)
         self.metrics.predict_requests.labels(label, str(status)).inc()
+
+
+def _predicted_model(path: str) -> str | None:
+    """The model a predict path names (/v1/models/{name}:predict, /v2/models/{name}[/versions/{v}]/infer)."""
+    if path.endswith(":predict"):
+        return path.rsplit("/", 1)[-1].removesuffix(":predict")
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return path.removeprefix("/v2/models/").split("/", 1)[0]
+    return None
 
 
 class LastResort:
