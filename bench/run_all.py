@@ -5,12 +5,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import bench_announce
 import bench_categories
 import bench_freshness
 import bench_ingest
 import bench_learning
 import bench_order
 import bench_pipeline
+import bench_quantize
 import bench_restart
 import bench_serving
 import bench_serving_load
@@ -27,6 +29,8 @@ def main() -> None:
         *bench_restart.main(),
         *bench_serving.main(),
         *bench_serving_load.main(),
+        *bench_announce.main(),
+        *bench_quantize.main(),
         *bench_snapshots.main(),
         *bench_learning.main(),
         *bench_categories.main(),

@@ -164,7 +164,7 @@ def test_the_versions_of_a_model_are_listed_with_the_served_one(client, store):
     wait_for(lambda: client.get("/v1/models/default").json().get("version") == 3)
     answer = client.get("/v1/models/default/versions")
     assert answer.status_code == 200
-    assert answer.json() == {"name": "default", "served": 3, "versions": [1, 2, 3]}
+    assert answer.json() == {"name": "default", "served": 3, "pinned": None, "versions": [1, 2, 3]}
     missing = client.get("/v1/models/other/versions")
     assert missing.status_code == 404 and "not found" in missing.json()["error"]
 

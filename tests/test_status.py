@@ -41,3 +41,19 @@ def test_serving_counts_errors_by_status_code_and_shows_each_model():
     # Two of four observations fall in the 1-2.5 ms bucket: the median is at its upper edge.
     assert quantile(samples, "streamlearn_predict_latency_seconds", 0.5) == pytest.approx(0.0025)
     assert "trainer: not reachable" in text
+
+
+def test_serving_shows_pins_holds_and_how_new_snapshots_arrive():
+    server = ServerMetrics(CollectorRegistry())
+    server.served_version.labels("fraud").set(12)
+    server.pinned_version.labels("fraud").set(12)
+    server.promotion_held.labels("churn").set(40)
+    server.promotion_held_seconds.labels("churn").set(95)
+    server.promotion_held.labels("fraud").set(0)
+    text = render(None, parse(page(server)))
+    assert "new snapshots     polled from the store" in text
+    assert "fraud             pinned to v12" in text
+    assert "churn             HELD: the promotion gate holds v40 back for 95s" in text
+    assert "fraud             HELD" not in text
+    server.following.labels("streamlearn.snapshots").set(1)
+    assert "announced (Kafka)" in render(None, parse(page(server)))

@@ -70,6 +70,20 @@ ROWS = {
              " / clamp_min(sum(rate(streamlearn_predict_requests_total[1m])), 1e-9)", "errors"),
         ]),
         ("Server ready", "short", [("streamlearn_server_ready", "{{instance}}")]),
+        ("Snapshot publication to serving", "s", [
+            (f"histogram_quantile({q}, sum by (le, source) (rate(streamlearn_snapshot_serve_delay_seconds_bucket[1m])))",
+             f"p{p} {{{{source}}}}")
+            for q, p in ((0.5, 50), (0.99, 99))
+        ]),
+        ("Snapshot announcements", "short", [
+            ("streamlearn_announcements_following", "following {{instance}}"),
+            ('sum(rate(streamlearn_snapshot_announcements_total{outcome="failed"}[1m]))', "failed per second"),
+        ]),
+        ("Pinned and held versions", "short", [
+            ("streamlearn_pinned_model_version", "pinned {{model}}"),
+            ("streamlearn_promotion_held_version", "held back {{model}}"),
+        ]),
+        ("Promotion held for", "s", [("streamlearn_promotion_held_seconds", "{{model}}")]),
     ],
 }  # fmt: skip
 ANNOTATION = "sum by (detector) (changes(streamlearn_drift_detections_total[1m])) > 0"

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -26,6 +26,7 @@ LOSSES: dict[str, tuple[str, ...]] = {
 }
 KAFKA_ENV_PREFIX = "STREAMLEARN_KAFKA_"
 NOT_A_FLAG: dict[str, Any] = {"cli": False}  # fields the CLI does not offer as flags
+MIN_TOKEN_CHARS = 16  # an admin token shorter than this is refused
 
 
 def kafka_overrides(environ: Mapping[str, str]) -> dict[str, str]:
@@ -94,17 +95,29 @@ class _Settings(BaseSettings):
 # composes the groups it needs, so one name means one thing in every command and variable.
 
 
-class _Kafka(_Settings):
-    bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, HOST:PORT[,HOST:PORT].")
-    connect_timeout_s: float = Field(
-        10.0, gt=0, le=300, description="Longest wait at start-up for Kafka to answer."
-    )
+class _KafkaProperties(_Settings):
     # Passed to librdkafka as they are; may hold credentials, so never in a repr, a dump or a log.
     kafka: dict[str, str] = Field(
         default_factory=lambda: kafka_overrides(os.environ),
         repr=False,
         exclude=True,
         json_schema_extra=NOT_A_FLAG,
+    )
+
+
+class _Kafka(_KafkaProperties):
+    bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, HOST:PORT[,HOST:PORT].")
+    connect_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Longest wait at start-up for Kafka to answer."
+    )
+
+
+class _Announcements(_Settings):
+    announce_topic: str = Field(
+        "streamlearn.snapshots",
+        max_length=249,
+        description="Compacted topic on which the trainer announces each snapshot it publishes and "
+        "servers follow them (empty: no announcements).",
     )
 
 
@@ -161,7 +174,7 @@ class BrokerSettings(_EmbeddedBroker):
     broker_host: str = Field("127.0.0.1", description="Address the embedded broker listens on.")
 
 
-class TrainSettings(_TrainerMetricsPort, _Snapshots, _DeadLetters, _Kafka):
+class TrainSettings(_TrainerMetricsPort, _Snapshots, _Announcements, _DeadLetters, _Kafka):
     """`streamlearn train`: consume events, learn test-then-train, write snapshots."""
 
     group: str = Field("streamlearn", min_length=1, description="Kafka consumer group id.")
@@ -413,11 +426,43 @@ class TrainSettings(_TrainerMetricsPort, _Snapshots, _DeadLetters, _Kafka):
         return self
 
 
-class ServeSettings(_ServerPort, _Snapshots):
-    """`streamlearn serve`: the KServe V1 prediction server."""
+class ServeSettings(_ServerPort, _Snapshots, _Announcements, _KafkaProperties):
+    """`streamlearn serve`: the prediction server (KServe V1 and V2)."""
 
     host: str = Field("127.0.0.1", description="Address the server listens on.")
-    reload_interval_s: float = Field(0.2, gt=0, le=60, description="How often to look for a new snapshot.")
+    announcements_bootstrap: str | None = Field(
+        None,
+        description="Kafka bootstrap servers to follow snapshot announcements on (--announce-topic); "
+        "without them, or while they are unreachable, the server polls the store.",
+    )
+    reload_interval_s: float = Field(
+        0.2,
+        gt=0,
+        le=60,
+        description="How often to poll the store for a new snapshot (unless following announcements).",
+    )
+    store_poll_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="How often to list the store anyway while announcements are followed (a safety net).",
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        repr=False,
+        exclude=True,
+        description="Bearer token of the admin API (pin, unpin, roll back); no token, no admin API. "
+        "Prefer the variable or --admin-token-file: a flag shows in the process list.",
+    )
+    admin_token_file: Path | None = Field(None, description="File holding the admin API's token.")
+    promotion_tolerance: float | None = Field(
+        None,
+        ge=0,
+        le=10,
+        description="Quality-gated promotion: serve a new snapshot only if its recent prequential loss "
+        "is at most this much worse (relative: 0.05 allows 5 percent) than the served one's "
+        "(default: serve every new snapshot).",
+    )
     max_instances: int = Field(1024, ge=1, description="Most instances in one predict request.")
     torch_threads: int = Field(
         1,
@@ -425,6 +470,12 @@ class ServeSettings(_ServerPort, _Snapshots):
         le=256,
         description="Threads torch may use for one predict; requests already run side by side, and "
         "more threads fight over the cores (one predicts 256 instances in about 0.6 ms).",
+    )
+    quantize: Literal["none", "int8"] = Field(
+        "none",
+        description="int8: serve MLPs with int8 weights in the layers between hidden layers, quantized "
+        "dynamically on the CPU as a snapshot loads (probabilities shift slightly; see README). Input and "
+        "output layers, linear models and category tables stay float32.",
     )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body, in bytes.")
     max_connections: int = Field(
@@ -443,6 +494,27 @@ class ServeSettings(_ServerPort, _Snapshots):
     body_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="Longest wait for a request body once its headers arrived; then 408."
     )
+
+    @model_validator(mode="after")
+    def _one_admin_token(self) -> "ServeSettings":
+        if self.admin_token is not None and self.admin_token_file is not None:
+            raise ValueError("give the admin token or its file, not both")
+        token = self.admin_secret
+        if token is not None and len(token) < MIN_TOKEN_CHARS:
+            raise ValueError(f"the admin token must have at least {MIN_TOKEN_CHARS} characters")
+        return self
+
+    @property
+    def admin_secret(self) -> str | None:
+        """The admin API's token, from the setting or its file; None: no admin API."""
+        if self.admin_token is not None:
+            return self.admin_token.get_secret_value()
+        if self.admin_token_file is None:
+            return None
+        try:
+            return self.admin_token_file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read the admin token file: {exc.strerror}") from None
 
 
 class ProduceSettings(_Topic, _Kafka):

@@ -47,6 +47,10 @@ class ModelNotReady(StreamlearnError):
     """The server has not loaded any snapshot yet."""
 
 
+class VersionConflict(StreamlearnError):
+    """A version cannot be served as asked: it does not load, or there is no earlier one to roll back to."""
+
+
 class BadRequest(StreamlearnError):
     """A prediction request does not fit the served model."""
 

@@ -35,13 +35,19 @@ def check_reachable(bootstrap: str, overrides: Mapping[str, str], timeout_s: flo
 
 
 def ensure_topic(
-    bootstrap: str, overrides: Mapping[str, str], topic: str, partitions: int = 1, timeout_s: float = 10.0
+    bootstrap: str,
+    overrides: Mapping[str, str],
+    topic: str,
+    partitions: int = 1,
+    timeout_s: float = 10.0,
+    config: Mapping[str, str] | None = None,
 ) -> None:
-    """Create the topic unless it exists already."""
+    """Create the topic (with these topic configs, e.g. compaction) unless it exists already."""
     admin = AdminClient(client_config(bootstrap, overrides))
     if topic in admin.list_topics(timeout=timeout_s).topics:
         return
-    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    new = NewTopic(topic, num_partitions=partitions, replication_factor=1, config=dict(config or {}))
+    futures = admin.create_topics([new])
     try:
         futures[topic].result(timeout=timeout_s)
     except KafkaException as exc:

@@ -12,6 +12,7 @@ from streamlearn.errors import InvalidReason
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 DETECTORS = ("adwin", "page_hinkley", "feature_psi", "label")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class TrainerMetrics:
@@ -95,6 +96,14 @@ class TrainerMetrics:
         self.snapshot_failures = Counter(
             "streamlearn_snapshot_failures_total", "Snapshot writes that failed.", registry=registry
         )
+        self.announcements = Counter(
+            "streamlearn_snapshot_announcements_total",
+            "Snapshot announcements to the servers, by outcome (sent: acknowledged by Kafka).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("sent", "failed"):
+            self.announcements.labels(outcome)
         self.consumer_lag = Gauge(
             "streamlearn_consumer_lag_records",
             "Records behind the partition's high watermark.",
@@ -210,6 +219,47 @@ class ServerMetrics:
         self.reload_failures = Counter(
             "streamlearn_model_reload_failures_total",
             "Snapshots the server could not load (corrupt or mismatched).",
+            ["model"],
+            registry=registry,
+        )
+        self.serve_delay = Histogram(
+            "streamlearn_snapshot_serve_delay_seconds",
+            "Seconds from a snapshot's publication to the server serving it, by how it learned of it "
+            "(an announcement, or a poll of the store).",
+            ["source"],
+            buckets=FRESHNESS_BUCKETS,
+            registry=registry,
+        )
+        self.following = Gauge(
+            "streamlearn_announcements_following",
+            "1 while the server follows snapshot announcements on this topic; 0 while it polls the "
+            "store instead (absent without --announcements-bootstrap).",
+            ["topic"],
+            registry=registry,
+        )
+        self.announcements = Counter(
+            "streamlearn_announcements_received_total",
+            "Snapshot announcements read, by outcome (ignored: not newer, pinned, or not ours; invalid).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("served", "ignored", "invalid"):
+            self.announcements.labels(outcome)
+        self.pinned_version = Gauge(
+            "streamlearn_pinned_model_version",
+            "Version an operator pinned (0: following the newest snapshot).",
+            ["model"],
+            registry=registry,
+        )
+        self.promotion_held = Gauge(
+            "streamlearn_promotion_held_version",
+            "Newest snapshot the promotion gate holds back (0: none held).",
+            ["model"],
+            registry=registry,
+        )
+        self.promotion_held_seconds = Gauge(
+            "streamlearn_promotion_held_seconds",
+            "Seconds the promotion gate has been holding newer snapshots back (0: none held).",
             ["model"],
             registry=registry,
         )

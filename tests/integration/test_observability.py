@@ -85,7 +85,8 @@ def stack(bootstrap, prometheus_binaries, tmp_path_factory):
                           "--snapshot-dir", str(root / "snapshots"), "--metrics-port", str(trainer_port),
                           "--drift-window", "1000", "--drift-per-feature", "--log-level", "error"]),
         subprocess.Popen([*base, "serve", "--snapshot-dir", str(root / "snapshots"),
-                          "--port", str(server_port), "--log-level", "error"]),
+                          "--port", str(server_port), "--log-level", "error",
+                          "--announcements-bootstrap", bootstrap]),
     ]  # fmt: skip
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},

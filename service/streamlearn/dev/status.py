@@ -132,6 +132,7 @@ def render(trainer: Samples | None, server: Samples | None) -> str:
             "SERVING",
             f"  ready             {'yes' if value(s, 'streamlearn_server_ready') else 'no'}"
             + "".join(f"   {model} v{v:.0f}" for model, v in served.items()),
+            *_versions(s),
             f"  predict requests  {sum(codes.values()):,.0f}   errors {errors:,.0f}",
             "  latency (since start)  "
             + "   ".join(
@@ -140,6 +141,24 @@ def render(trainer: Samples | None, server: Samples | None) -> str:
             ),
         ]
     return "\n".join(lines)
+
+
+def _versions(s: Samples) -> list[str]:
+    """A line per model that is pinned or whose newer snapshots the promotion gate holds back."""
+    pinned = by_label(s, "streamlearn_pinned_model_version", "model")
+    held = by_label(s, "streamlearn_promotion_held_version", "model")
+    held_s = by_label(s, "streamlearn_promotion_held_seconds", "model")
+    following = sum(by_label(s, "streamlearn_announcements_following", "topic").values())
+    lines = [f"  new snapshots     {'announced (Kafka)' if following else 'polled from the store'}"]
+    for model in sorted(set(pinned) | set(held)):
+        if pinned.get(model):
+            lines.append(f"  {model:<17} pinned to v{pinned[model]:.0f}")
+        if held.get(model):
+            lines.append(
+                f"  {model:<17} HELD: the promotion gate holds v{held[model]:.0f} back "
+                f"for {held_s.get(model, 0):.0f}s (worse recent loss)"
+            )
+    return lines
 
 
 def show(

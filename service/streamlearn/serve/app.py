@@ -1,11 +1,11 @@
-"""create_app() builds the prediction server: health routes, the KServe V1 router, and a reloader.
+"""create_app() builds the prediction server: health routes, the KServe V1 and V2 routers, the
+admin API (only with a token), and what keeps the models fresh (freshness.py).
 
-Snapshots are loaded in the lifespan and then polled for every `reload_interval_s`; liveness
+Snapshots are loaded in the lifespan, then followed through announcements or polls; liveness
 always answers, readiness waits for a first snapshot. Every error is JSON {"error": ...}
 (errors.py), and the OpenAPI document lists every status each route can answer.
 """
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -18,11 +18,12 @@ from pydantic import BaseModel
 
 from streamlearn import __version__
 from streamlearn.config import ServeSettings
-from streamlearn.errors import SnapshotStoreUnavailable
 from streamlearn.metrics import ServerMetrics
-from streamlearn.serve import v1
+from streamlearn.serve import admin, v1, v2
 from streamlearn.serve.dataplane import DataPlane
 from streamlearn.serve.errors import ANY_ROUTE, errors, register_error_handlers
+from streamlearn.serve.freshness import Freshness
+from streamlearn.serve.gate import PromotionGate
 from streamlearn.serve.middleware import BodyLimits, LastResort, PredictMetrics
 from streamlearn.serve.registry import ModelRegistry
 from streamlearn.snapshots import open_store
@@ -43,16 +44,15 @@ def create_app(settings: ServeSettings | None = None, registry: CollectorRegistr
     """Build the server: one app serves every model found in the snapshot store."""
     settings = settings or ServeSettings()
     metrics = ServerMetrics(registry or CollectorRegistry())
-    models = ModelRegistry(open_store(settings.snapshot_dir), metrics)
+    gate = None if settings.promotion_tolerance is None else PromotionGate(settings.promotion_tolerance)
+    models = ModelRegistry(open_store(settings.snapshot_dir), metrics, gate, quantize=settings.quantize)
+    freshness = Freshness(settings, models, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await _refresh(models)
-        reloader = asyncio.create_task(_reload_forever(models, settings.reload_interval_s))
+        await freshness.start()
         yield
-        reloader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reloader
+        await freshness.stop()
 
     app = FastAPI(
         title="Streamlearn",
@@ -63,6 +63,7 @@ def create_app(settings: ServeSettings | None = None, registry: CollectorRegistr
     )
     app.state.models = models
     app.state.metrics = metrics
+    app.state.freshness = freshness
     # Outermost last: measure predicts, turn any exception into a 500, then bound the body.
     app.add_middleware(
         BodyLimits,
@@ -100,28 +101,10 @@ def create_app(settings: ServeSettings | None = None, registry: CollectorRegistr
 
     dataplane = DataPlane(models, metrics, settings.max_instances)
     app.include_router(v1.router(dataplane))
-    app.router.routes[:0] = v1.fast_routes(dataplane)  # matched first; the documented route describes it
+    app.include_router(v2.router(dataplane))
+    # Matched first; the documented routes describe them.
+    app.router.routes[:0] = [*v1.fast_routes(dataplane), *v2.fast_routes(dataplane)]
+    token = settings.admin_secret
+    if token:
+        app.include_router(admin.router(models, token, freshness.announce_serving))
     return app
-
-
-async def _reload_forever(models: ModelRegistry, interval_s: float) -> None:
-    healthy = True
-    while True:
-        await asyncio.sleep(interval_s)
-        healthy = await _refresh(models, quiet=not healthy)
-
-
-async def _refresh(models: ModelRegistry, quiet: bool = False) -> bool:
-    """Look for new snapshots; an outage is logged once, when it starts, and again when it ends."""
-    try:
-        await asyncio.to_thread(models.refresh)
-    except SnapshotStoreUnavailable as exc:  # keep serving the models we have, keep trying
-        if not quiet:
-            log.warning("%s; serving the loaded models until it is back", exc)
-        return False
-    except Exception:  # a bad directory state must never stop reloading
-        log.exception("snapshot reload failed")
-        return True
-    if quiet:
-        log.info("the snapshot store is reachable again")
-    return True

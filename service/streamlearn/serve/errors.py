@@ -20,6 +20,7 @@ from streamlearn.errors import (
     SnapshotStoreUnavailable,
     StreamlearnError,
     UnsupportedMediaType,
+    VersionConflict,
 )
 from streamlearn.serve.dataplane import first_error
 
@@ -32,8 +33,11 @@ STATUS: dict[type[StreamlearnError], int] = {
     BadRequest: 422,
     ModelNotFound: 404,
     ModelNotReady: 503,
+    VersionConflict: 409,  # an admin call that cannot be done as asked
     SnapshotStoreUnavailable: 503,  # listing versions while the store is out
 }
+# The Open Inference Protocol (V2) answers 400 to a request that does not fit the model; V1 keeps 422.
+V2_STATUS = {**STATUS, BadRequest: 400}  # same order: the more specific 415 and 400 still come first
 
 
 class ErrorBody(BaseModel):
@@ -62,14 +66,16 @@ def register_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StreamlearnError)
     async def streamlearn_error(request: Request, exc: StreamlearnError) -> Response:
-        status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
+        table = V2_STATUS if request.scope["path"].startswith("/v2/") else STATUS
+        status = next((code for kind, code in table.items() if isinstance(exc, kind)), 500)
         if status == 500:
             log.error("unmapped %s answered 500: %s", type(exc).__name__, exc)
         return JSONResponse({"error": str(exc)}, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
-        return JSONResponse({"error": first_error(exc.errors())}, status_code=422)
+        status = 400 if request.scope["path"].startswith("/v2/") else 422
+        return JSONResponse({"error": first_error(exc.errors())}, status_code=status)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:

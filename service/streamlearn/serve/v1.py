@@ -34,6 +34,16 @@ class PredictResponse(BaseModel):
     model_age_s: float  # seconds since the snapshot that answered was written
 
 
+class HeldSnapshot(BaseModel):
+    """A newer snapshot the promotion gate does not serve, and why."""
+
+    version: int
+    reason: str
+    candidate_loss: float | None
+    served_loss: float | None
+    held_for_s: float
+
+
 class ModelStatus(BaseModel):
     """What GET /v1/models/{name} tells about the served snapshot."""
 
@@ -50,6 +60,9 @@ class ModelStatus(BaseModel):
     multi_categorical_features: list[str] = []  # a list of strings each
     arch: str
     drift: dict[str, Any] | None
+    quantized: str = "none"  # int8: served with --quantize int8
+    pinned: int | None = None  # the version an operator pinned, if any
+    held: HeldSnapshot | None = None  # a newer snapshot the promotion gate holds back, if any
 
 
 class ModelVersions(BaseModel):
@@ -57,6 +70,7 @@ class ModelVersions(BaseModel):
 
     name: str
     served: int  # the version predictions come from
+    pinned: int | None = None  # the version an operator pinned, if any
     versions: list[int]  # in the store, oldest first
 
 
@@ -90,7 +104,7 @@ def router(dataplane: DataPlane) -> APIRouter:
     )
     async def model_status(name: ModelName) -> dict[str, Any]:
         """Readiness, version and provenance of one model."""
-        return models.get(name).describe()
+        return models.describe(name)
 
     @v1.get(
         "/models/{name:model}/versions",

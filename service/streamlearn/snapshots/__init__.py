@@ -8,7 +8,14 @@ so a trainer and servers on different hosts can share snapshots.
 from pathlib import Path
 
 from streamlearn.snapshots.local import LocalSnapshotStore
-from streamlearn.snapshots.meta import FORMAT, WEIGHTS, DeadLetterMarks, SnapshotContent, SnapshotMeta
+from streamlearn.snapshots.meta import (
+    FORMAT,
+    WEIGHTS,
+    DeadLetterMarks,
+    ServingState,
+    SnapshotContent,
+    SnapshotMeta,
+)
 from streamlearn.snapshots.store import META, Snapshot, SnapshotStore
 from streamlearn.snapshots.writer import BackgroundWriter
 
@@ -19,6 +26,7 @@ __all__ = [
     "BackgroundWriter",
     "DeadLetterMarks",
     "LocalSnapshotStore",
+    "ServingState",
     "Snapshot",
     "SnapshotContent",
     "SnapshotMeta",

@@ -14,7 +14,7 @@ from pathlib import Path
 from streamlearn.errors import SnapshotError
 from streamlearn.faults import crash_point
 from streamlearn.snapshots.meta import WEIGHTS
-from streamlearn.snapshots.store import SnapshotStore, version_name
+from streamlearn.snapshots.store import SERVING, SnapshotStore, version_name
 
 STALE_TMP_S = 60  # a temporary directory this old belongs to a crashed writer
 
@@ -71,8 +71,11 @@ class LocalSnapshotStore(SnapshotStore):
 
     def prune(self, model_name: str) -> None:
         model_dir = self.root / model_name
-        for version in self.versions(model_name)[: -self.keep]:
-            shutil.rmtree(model_dir / version_name(version), ignore_errors=True)
+        published = self.versions(model_name)
+        kept = self.kept(model_name, published)
+        for version in published:
+            if version not in kept:
+                shutil.rmtree(model_dir / version_name(version), ignore_errors=True)
         for entry in os.scandir(model_dir):
             if entry.name.startswith(".tmp-") and time.time() - entry.stat().st_mtime > STALE_TMP_S:
                 shutil.rmtree(entry.path, ignore_errors=True)
@@ -102,3 +105,19 @@ class LocalSnapshotStore(SnapshotStore):
 
     def _read(self, model_name: str, version: int, name: str) -> bytes:
         return (self.root / model_name / version_name(version) / name).read_bytes()
+
+    def _read_serving(self, model_name: str) -> bytes | None:
+        try:
+            return (self.root / model_name / SERVING).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _write_serving(self, model_name: str, data: bytes) -> None:
+        model_dir = self.root / model_name
+        tmp = model_dir / f".tmp-{SERVING}-{uuid.uuid4().hex}"
+        try:
+            _write_durably(tmp, data)
+            tmp.rename(model_dir / SERVING)  # atomic: a reader sees the old file or the new one
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(model_dir)

@@ -73,3 +73,17 @@ class SnapshotMeta(SnapshotContent):
         if self.training_file is not None and self.training_sha256 is None:
             raise ValueError("meta.json names a training file without its SHA-256")
         return self
+
+
+class ServingState(BaseModel):
+    """serving.json beside a model's versions: what the servers are told to serve, shared by
+    every replica and kept across restarts. The versions it names are never pruned."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    pinned: int | None = Field(None, ge=1)  # serve this version and no other, until unpinned
+    held_against: int | None = Field(None, ge=1)  # the promotion gate holds newer versions against this one
+
+    @property
+    def protected(self) -> set[int]:
+        return {v for v in (self.pinned, self.held_against) if v is not None}

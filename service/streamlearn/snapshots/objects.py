@@ -17,7 +17,7 @@ from typing import Any
 
 from streamlearn.errors import SnapshotError, SnapshotStoreUnavailable
 from streamlearn.faults import crash_point
-from streamlearn.snapshots.store import META, VERSION_DIGITS, SnapshotStore, version_name
+from streamlearn.snapshots.store import META, SERVING, VERSION_DIGITS, SnapshotStore, version_name
 
 STALE_UNPUBLISHED_S = 60  # unpublished weights this old belong to a crashed writer
 
@@ -99,7 +99,7 @@ class ObjectSnapshotStore(SnapshotStore):
     def prune(self, model_name: str) -> None:
         objects = self._objects(model_name)
         published = sorted(version for version, files in objects.items() if META in files)
-        kept = set(published[-self.keep :])
+        kept = self.kept(model_name, published)
         doomed = []
         for version, files in objects.items():
             if version in kept:
@@ -143,3 +143,17 @@ class ObjectSnapshotStore(SnapshotStore):
             raise
         except Exception as exc:  # unreachable, forbidden: not a bad snapshot, so never skip past it
             raise self._unavailable(f"reading {model_name} v{version}", exc) from None
+
+    def _read_serving(self, model_name: str) -> bytes | None:
+        try:
+            return bytes(self.fs.cat_file(f"{self.root}/{model_name}/{SERVING}"))
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._unavailable(f"reading {SERVING} of {model_name}", exc) from None
+
+    def _write_serving(self, model_name: str, data: bytes) -> None:
+        try:
+            self.fs.pipe_file(f"{self.root}/{model_name}/{SERVING}", data)  # a PUT replaces it whole
+        except Exception as exc:
+            raise self._unavailable(f"writing {SERVING} of {model_name}", exc) from None

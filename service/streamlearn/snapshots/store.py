@@ -23,11 +23,12 @@ from safetensors.torch import save_file as save_safetensors_file
 from torch import Tensor
 
 from streamlearn.errors import SnapshotError
-from streamlearn.snapshots.meta import SnapshotContent, SnapshotMeta
+from streamlearn.snapshots.meta import ServingState, SnapshotContent, SnapshotMeta
 
 log = logging.getLogger(__name__)
 
 META = "meta.json"
+SERVING = "serving.json"  # per model, beside its versions: pins and the promotion gate's baseline
 MODEL_PREFIX = "model."  # the tensors of the weights file; the rest are the training state
 VERSION_DIGITS = 12  # versions are zero-padded, so names sort as numbers do
 CLAIM_ATTEMPTS = 10  # writers racing for a version back off at random, 10 ms to 5 s
@@ -88,7 +89,34 @@ class SnapshotStore(ABC):
     def _read(self, model_name: str, version: int, name: str) -> bytes:
         """One file of a published version (OSError when it cannot be read)."""
 
+    @abstractmethod
+    def _read_serving(self, model_name: str) -> bytes | None:
+        """The model's serving.json, None when there is none."""
+
+    @abstractmethod
+    def _write_serving(self, model_name: str, data: bytes) -> None:
+        """Replace the model's serving.json whole (readers see the old or the new one)."""
+
     # -- the shared logic ---------------------------------------------------------------------------
+
+    def serving_state(self, model_name: str) -> ServingState:
+        """What the servers are told about this model; a missing or unreadable file tells nothing."""
+        try:
+            data = self._read_serving(model_name)
+            return ServingState() if data is None else ServingState.model_validate_json(data)
+        except (OSError, ValidationError) as exc:
+            log.warning("ignoring %s of %s: %s", SERVING, model_name, exc)
+            return ServingState()
+
+    def save_serving_state(self, model_name: str, state: ServingState) -> None:
+        try:
+            self._write_serving(model_name, state.model_dump_json(exclude_none=True).encode())
+        except OSError as exc:
+            raise SnapshotError(f"cannot write {SERVING} of {model_name}: {exc}") from None
+
+    def kept(self, model_name: str, published: list[int]) -> set[int]:
+        """The versions pruning keeps: the newest `keep`, and any the serving state names."""
+        return set(published[-self.keep :]) | (self.serving_state(model_name).protected & set(published))
 
     def latest_version(self, model_name: str) -> int | None:
         versions = self.versions(model_name)
@@ -136,18 +164,26 @@ class SnapshotStore(ABC):
             time.sleep(random.uniform(0, 0.01 * 2**attempt))
         raise SnapshotError(f"could not claim a new snapshot version for {model_name}")
 
-    def load(self, model_name: str, version: int, training: bool = True) -> Snapshot:
-        """One version, its files checked against the SHA-256 in its metadata; without `training`
-        only the model's weights (what serving and warm starts need)."""
+    def meta(self, model_name: str, version: int) -> SnapshotMeta:
+        """One version's meta.json alone (SnapshotError when it is missing or unreadable)."""
         where = f"snapshot {model_name} v{version}"
         try:
-            meta = SnapshotMeta.model_validate_json(self._read(model_name, version, META))
+            return SnapshotMeta.model_validate_json(self._read(model_name, version, META))
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(part) for part in first["loc"]) or "meta.json"
             raise SnapshotError(f"{where} is unreadable: {field}: {first['msg']}") from None
         except (OSError, ValueError) as exc:
             raise SnapshotError(f"{where} is unreadable: {exc}") from None
+
+    def load(
+        self, model_name: str, version: int, training: bool = True, meta: SnapshotMeta | None = None
+    ) -> Snapshot:
+        """One version, its files checked against the SHA-256 in its metadata; without `training`
+        only the model's weights (what serving and warm starts need). `meta`: its meta.json, if
+        already read (one round trip fewer)."""
+        where = f"snapshot {model_name} v{version}"
+        meta = meta if meta is not None and meta.version == version else self.meta(model_name, version)
         tensors = self._load_file(
             where, model_name, version, meta.weights_file, meta.weights_sha256, "weights"
         )

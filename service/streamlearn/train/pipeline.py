@@ -26,6 +26,7 @@ import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from streamlearn import kafka
+from streamlearn.announcements import COMPACTED, Announcement, Announcer
 from streamlearn.config import TrainSettings
 from streamlearn.errors import ConfigError, InvalidReason
 from streamlearn.metrics import TrainerMetrics
@@ -89,6 +90,7 @@ class Pipeline:
             s.snapshot_interval_s, s.shutdown_timeout_s, settle=self.settle,
         )  # fmt: skip
         self.dlq: DeadLetterQueue | None = None
+        self.announcer: Announcer | None = None
         self.dlq_marks: dict[int, int] = {}
         self.skip_dead_letters: set[Source] = set()
         self.consumer: Consumer | None = None
@@ -126,8 +128,12 @@ class Pipeline:
         return snapshot
 
     def _connect(self) -> Consumer:
-        """Create the Kafka clients: the dead-letter producer first, then the consumer."""
+        """Create the Kafka clients: the announcer and the dead-letter producer, then the consumer."""
         s = self.settings
+        if s.announce_topic:
+            kafka.ensure_topic(s.bootstrap, s.kafka, s.announce_topic, config=COMPACTED)
+            self.announcer = Announcer(s.bootstrap, s.kafka, s.announce_topic, self.telemetry.announced)
+            self.checkpoints.writer.on_published = self._announce
         if s.dead_letter_topic:
             kafka.ensure_topic(s.bootstrap, s.kafka, s.dead_letter_topic)
             self.dlq = DeadLetterQueue(
@@ -147,6 +153,18 @@ class Pipeline:
             [s.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
         return consumer
+
+    def _announce(self, snapshot: Snapshot) -> None:
+        """Tell the servers, on the writer thread, the moment a snapshot is published."""
+        assert self.announcer is not None
+        self.announcer.announce(
+            Announcement(
+                model=snapshot.model_name,
+                version=snapshot.version,
+                location=self.store.location,
+                created_at_ms=snapshot.meta.created_at_ms,
+            )
+        )
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -179,6 +197,8 @@ class Pipeline:
         run_bounded(consumer.close, timeout, "leaving the consumer group")
         self.consumer = None
         self.checkpoints.close()
+        if self.announcer is not None:
+            self.announcer.close(timeout_s=1.0)
         if self.dlq is not None:
             self.dlq.close(timeout_s=1.0)
         log.info("stopped after %d records learned", self.records_learned)

@@ -131,6 +131,9 @@ class Telemetry:
         else:
             self.limited.warning(f"kafka-{error.code()}", "Kafka error: %s", error.str())
 
+    def announced(self, sent: bool) -> None:
+        self.metrics.announcements.labels("sent" if sent else "failed").inc()
+
     def committed(self, error: KafkaError | None, _partitions: list[TopicPartition]) -> None:
         if error is None:
             self.metrics.offsets_committed.inc()
