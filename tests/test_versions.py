@@ -151,6 +151,18 @@ def test_the_gate_holds_a_worse_snapshot_and_promotes_a_good_one(store):
         wait_for(lambda: served_version(restarted) == 3, what="the promotion")
         assert restarted.get("/v1/models/default").json()["held"] is None
         assert metric(restarted, "streamlearn_promotion_held_version") == 0
+        assert metric(restarted, "streamlearn_promotion_held_seconds") == 0
+    assert store.serving_state("default").held_against is None
+
+
+def test_turning_the_gate_off_lets_a_held_version_go(store):
+    publish(store, loss=0.30)
+    with serve(store, promotion_tolerance=0.05) as client:
+        wait_for(lambda: served_version(client) == 1)
+        publish(store, loss=0.50)
+        wait_for(lambda: store.serving_state("default").held_against == 1, what="a hold kept")
+    with serve(store) as ungated:
+        wait_for(lambda: served_version(ungated) == 2, what="the newest served without the gate")
     assert store.serving_state("default").held_against is None
 
 

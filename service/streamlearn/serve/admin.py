@@ -48,8 +48,8 @@ def router(models: ModelRegistry, token: str, announce: Any = None) -> APIRouter
     admin = APIRouter(prefix="/admin/models", tags=["admin"], dependencies=[Depends(authorized)])
 
     async def changed(name: str, result: dict[str, Any]) -> dict[str, Any]:
-        if announce is not None:
-            announce(name)
+        if announce is not None:  # waits for Kafka's acknowledgement: off the event loop
+            await asyncio.to_thread(announce, name)
         return result
 
     @admin.post(

@@ -203,6 +203,9 @@ class ModelRegistry:
                 return None
             log.error("pinned %s v%d does not load; serving the newest meanwhile", name, state.pinned)
         baseline = state.held_against
+        if self.gate is None and baseline is not None:  # the gate was turned off: let the version go
+            state = state.model_copy(update={"held_against": None})
+            self._save_state(name, state, quiet=True)
         if current is None and self.gate is not None and baseline is not None and baseline in versions:
             # Restarted while the gate held newer snapshots: serve what it held them against.
             current = self._try_load(name, baseline)
@@ -297,13 +300,15 @@ class ModelRegistry:
         held = self._held.get(name)
         self._held[name] = Hold(version, verdict, held.since if held else time.time())
         self._considered[name] = version
-        self.metrics.promotion_held.labels(name).set(version)
-        since = self._held[name].since
-        self.metrics.promotion_held_seconds.labels(name).set_function(lambda: time.time() - since)
         log.warning("promotion gate holds %s v%d: %s (serving v%d)", name, version, verdict.reason, served)
         state = self._states.get(name, ServingState())
         if state.held_against != served:
             self._save_state(name, state.model_copy(update={"held_against": served}), quiet=True)
+
+    def _hold_of(self, name: str) -> tuple[int, float]:
+        """The version held back and for how many seconds; (0, 0.0) when none is."""
+        hold = self._held.get(name)
+        return (0, 0.0) if hold is None else (hold.version, time.time() - hold.since)
 
     def _save_state(self, name: str, state: ServingState, quiet: bool = False) -> None:
         """Persist a model's serving state beside its snapshots (quiet: a failure is only logged)."""
@@ -322,9 +327,6 @@ class ModelRegistry:
         if previous is not None:
             self._history.setdefault(name, deque(maxlen=HISTORY)).append(previous.version)
         self._models = {**self._models, name: served}  # the atomic swap
-        if name not in self._held:
-            self.metrics.promotion_held.labels(name).set(0)
-            self.metrics.promotion_held_seconds.labels(name).set(0)
         log.info("serving %s v%d (%d records learned)", name, served.version, served.meta.records_trained)
         self._export(served, source)
         return served
@@ -338,4 +340,7 @@ class ModelRegistry:
         self.metrics.served_version.labels(name).set(served.version)
         self.metrics.served_records.labels(name).set(served.meta.records_trained)
         self.metrics.served_age.labels(name).set_function(lambda: time.time() - created)
+        # Read at each scrape, so a hold ending any way (a promotion, a pin) shows at once.
+        self.metrics.promotion_held.labels(name).set_function(lambda: self._hold_of(name)[0])
+        self.metrics.promotion_held_seconds.labels(name).set_function(lambda: self._hold_of(name)[1])
         self.metrics.pinned_version.labels(name).set(self._states.get(name, ServingState()).pinned or 0)
