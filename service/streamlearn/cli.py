@@ -96,7 +96,11 @@ def run_train(settings: TrainSettings) -> int:
 
 
 def run_serve(settings: ServeSettings) -> int:
+    import os
     import socket
+
+    # numpy's BLAS (small predicts, numpy_forward.py) as torch: requests already run side by side.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(settings.torch_threads))
 
     import uvicorn
 

@@ -87,10 +87,9 @@ class DataPlane:
         require_json(headers, also=("application/octet-stream",) if binary else ())
         served = self.served(name, version)
         request = v2_tensors.decode_infer(served, headers, body, self.max_instances)
-        x = torch.from_numpy(request.features)
-        _refuse_non_finite(x, "a feature is NaN, infinite or beyond float32 (|x| > 3.4e38)")
-        prediction = predict_finite(served, x)
-        self.metrics.predict_instances.labels(name).inc(len(x))
+        _refuse_non_finite(request.features, "a feature is NaN, infinite or beyond float32 (|x| > 3.4e38)")
+        prediction = predict_finite(served, torch.from_numpy(request.features))
+        self.metrics.predict_instances.labels(name).inc(len(request.features))
         return v2_tensors.encode_infer(served, prediction, request)
 
     def served(self, name: str, version: str | None = None) -> ServedModel:
@@ -157,9 +156,8 @@ def features(served: ServedModel, instances: list[Any]) -> tuple[torch.Tensor, t
         except ValueError:  # ragged
             array = None
         if array is not None and array.shape == (len(instances), spec.n_features):
-            x = torch.from_numpy(array)
-            _refuse_non_finite(x, "a feature does not fit float32 (|x| > 3.4e38)")
-            return x, None
+            _refuse_non_finite(array, "a feature does not fit float32 (|x| > 3.4e38)")
+            return torch.from_numpy(array), None
     rows, categories = [], []
     for index, instance in enumerate(instances):
         try:
@@ -170,23 +168,30 @@ def features(served: ServedModel, instances: list[Any]) -> tuple[torch.Tensor, t
         categories.append(hashed)
     with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
         x = torch.from_numpy(np.asarray(rows, dtype=np.float32).reshape(len(rows), spec.n_features))
-    _refuse_non_finite(x, "a feature does not fit float32 (|x| > 3.4e38)")
+    _refuse_non_finite(x.numpy(), "a feature does not fit float32 (|x| > 3.4e38)")
     if not spec.category_features:
         return x, None
     return x, torch.tensor(categories, dtype=torch.int64).reshape(len(rows), spec.slots)
 
 
 def predict_finite(served: ServedModel, x: torch.Tensor, ids: torch.Tensor | None = None) -> Prediction:
-    """The model's prediction, refusing an instance wherever a stage overflows float32."""
-    model = served.model
-    with torch.inference_mode():
-        standardized = model.normalizer(x)
-        _refuse_non_finite(
-            standardized, "a standardized feature overflows float32: far beyond the data learned"
-        )
-        prediction = model.head.predict(model.scores(standardized, model.embed(ids)))
+    """The model's prediction, refusing an instance wherever a stage overflows float32.
+
+    A small batch of numeric features goes through numpy (numpy_forward.py), the rest through torch."""
+    overflow = "a standardized feature overflows float32: far beyond the data learned"
+    fast = served.fast
+    if fast is not None and ids is None and len(x) <= fast.max_rows:
+        standardized_array = fast.standardize(x.numpy())
+        _refuse_non_finite(standardized_array, overflow)
+        prediction = fast.predict(standardized_array)
+    else:
+        model = served.model
+        with torch.inference_mode():
+            standardized = model.normalizer(x)
+            _refuse_non_finite(standardized.numpy(), overflow)
+            prediction = model.head.predict(model.scores(standardized, model.embed(ids)))
     # Finite scores give finite probabilities that sum to 1 (sigmoid, or softmax less its max).
-    _refuse_non_finite(prediction.scores, "the model's output is not finite for these features")
+    _refuse_non_finite(prediction.scores.numpy(), "the model's output is not finite for these features")
     return prediction
 
 
@@ -207,12 +212,12 @@ def encode_v1(served: ServedModel, prediction: Prediction) -> dict[str, Any]:
     return response
 
 
-def _refuse_non_finite(values: torch.Tensor, reason: str) -> None:
+def _refuse_non_finite(values: np.ndarray, reason: str) -> None:
     """BadRequest naming the first instance (row) with a NaN or an infinity, if any.
 
     numpy checks the common case, all finite, in microseconds (a torch op costs 10-20 µs to
     dispatch, and a predict runs three of these checks)."""
-    array = values.numpy().reshape(len(values), -1)
+    array = values.reshape(len(values), -1)
     if np.isfinite(array).all():
         return
     index = int(np.nonzero(~np.isfinite(array).all(axis=1))[0][0])

@@ -29,6 +29,7 @@ from streamlearn.errors import (
 from streamlearn.metrics import ServerMetrics
 from streamlearn.models import ModelSpec, OnlineModel, build_model
 from streamlearn.serve.gate import PromotionGate, Verdict
+from streamlearn.serve.numpy_forward import NumpyForward
 from streamlearn.serve.quantize import quantization, quantized
 from streamlearn.snapshots import ServingState, Snapshot, SnapshotMeta, SnapshotStore
 
@@ -43,6 +44,7 @@ class ServedModel:
     version: int
     model: OnlineModel
     meta: SnapshotMeta
+    fast: NumpyForward | None = None  # small batches through numpy, when the model allows it
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot, quantize: str = "none") -> "ServedModel":
@@ -53,7 +55,8 @@ class ServedModel:
         model.load_state({k[6:]: v for k, v in snapshot.tensors.items() if k.startswith("model.")})
         if not all(torch.isfinite(t).all() for t in model.state_dict().values()):
             raise SnapshotError(f"snapshot {snapshot.model_name} v{snapshot.version} has non-finite weights")
-        return cls(snapshot.model_name, snapshot.version, quantized(model.eval(), quantize), snapshot.meta)
+        model = quantized(model.eval(), quantize)
+        return cls(snapshot.model_name, snapshot.version, model, snapshot.meta, NumpyForward.of(model))
 
     def describe(self) -> dict[str, Any]:
         spec = self.model.spec
