@@ -90,7 +90,7 @@ def run(location: str, bootstrap: str, follow: bool, log_dir: str) -> list[float
     tensors, meta = content()
     store.save("default", tensors, meta)  # the servers start with one
     ports = [free_port() for _ in range(REPLICAS)]
-    flags = ["--announcements-bootstrap", bootstrap, "--store-poll-s", "3600"] if follow else []
+    flags = ["--bootstrap-servers", bootstrap, "--store-poll-s", "3600"] if follow else []
     children = [
         Child(
             f"serve-{'follow' if follow else 'poll'}-{i}",

@@ -17,7 +17,7 @@ from schemathesis.specs.openapi.checks import (
 from .live_server import live_server, write_trained_model
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-EXAMPLES = {GenerationMode.POSITIVE: 80, GenerationMode.NEGATIVE: 40}  # per operation
+EXAMPLES = {GenerationMode.POSITIVE: 50, GenerationMode.NEGATIVE: 25}  # per operation
 
 
 def fuzz(operation, mode, pinned, session, tally: Counter, violations: list[str]) -> None:

@@ -84,6 +84,9 @@ ROWS = {
             ("streamlearn_promotion_held_version", "held back {{model}}"),
         ]),
         ("Promotion held for", "s", [("streamlearn_promotion_held_seconds", "{{model}}")]),
+        ("Prediction log (entries per second)", "short", [
+            ("sum by (outcome) (rate(streamlearn_predictions_logged_total[1m]))", "{{outcome}}"),
+        ]),
     ],
 }  # fmt: skip
 ANNOTATION = "sum by (detector) (changes(streamlearn_drift_detections_total[1m])) > 0"

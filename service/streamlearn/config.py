@@ -430,10 +430,31 @@ class ServeSettings(_ServerPort, _Snapshots, _Announcements, _KafkaProperties):
     """`streamlearn serve`: the prediction server (KServe V1 and V2)."""
 
     host: str = Field("127.0.0.1", description="Address the server listens on.")
-    announcements_bootstrap: str | None = Field(
+    bootstrap_servers: str | None = Field(
         None,
-        description="Kafka bootstrap servers to follow snapshot announcements on (--announce-topic); "
-        "without them, or while they are unreachable, the server polls the store.",
+        description="Kafka bootstrap servers of the server: it follows snapshot announcements there "
+        "(--announce-topic; without them, or while they are unreachable, it polls the store) and "
+        "logs predictions (--prediction-log-topic).",
+    )
+    prediction_log_topic: str | None = Field(
+        None,
+        min_length=1,
+        max_length=249,
+        description="Topic to publish every served prediction to, keyed by its id, for the label "
+        "join (needs --bootstrap-servers; default: no log).",
+    )
+    prediction_log_sample: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Share of prediction ids logged, chosen by a hash of the id (so that a logged "
+        "id's label still joins).",
+    )
+    prediction_log_queue: int = Field(
+        100_000,
+        ge=100,
+        le=10_000_000,
+        description="Most predictions waiting to be sent to Kafka; beyond it new ones are dropped (counted).",
     )
     reload_interval_s: float = Field(
         0.2,
@@ -494,6 +515,12 @@ class ServeSettings(_ServerPort, _Snapshots, _Announcements, _KafkaProperties):
     body_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="Longest wait for a request body once its headers arrived; then 408."
     )
+
+    @model_validator(mode="after")
+    def _log_needs_kafka(self) -> "ServeSettings":
+        if self.prediction_log_topic and not self.bootstrap_servers:
+            raise ValueError("--prediction-log-topic needs --bootstrap-servers")
+        return self
 
     @model_validator(mode="after")
     def _one_admin_token(self) -> "ServeSettings":

@@ -233,7 +233,7 @@ class ServerMetrics:
         self.following = Gauge(
             "streamlearn_announcements_following",
             "1 while the server follows snapshot announcements on this topic; 0 while it polls the "
-            "store instead (absent without --announcements-bootstrap).",
+            "store instead (absent without --bootstrap-servers).",
             ["topic"],
             registry=registry,
         )
@@ -245,6 +245,15 @@ class ServerMetrics:
         )
         for outcome in ("served", "ignored", "invalid"):
             self.announcements.labels(outcome)
+        self.predictions_logged = Counter(
+            "streamlearn_predictions_logged_total",
+            "Predictions for the prediction log, by outcome (sent: acknowledged by Kafka; dropped: "
+            "a full queue or an undelivered message).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("sent", "dropped"):
+            self.predictions_logged.labels(outcome)
         self.pinned_version = Gauge(
             "streamlearn_pinned_model_version",
             "Version an operator pinned (0: following the newest snapshot).",

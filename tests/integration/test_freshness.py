@@ -59,7 +59,7 @@ def test_servers_follow_the_trainers_announcements(bootstrap, make_topic, start_
     trainer = start_trainer(topic, task="binary", announce_topic=announcements, snapshot_interval_s=0.3)
     publish(bootstrap, topic, _events(200))
     wait_for(lambda: trainer.metric("streamlearn_snapshot_announcements_total", {"outcome": "sent"}) >= 1)
-    flags = ("--announcements-bootstrap", bootstrap, "--announce-topic", announcements, *NO_POLLING)
+    flags = ("--bootstrap-servers", bootstrap, "--announce-topic", announcements, *NO_POLLING)
     with _servers(snapshots, tmp_path, 2, *flags) as bases:
         for base in bases:
             wait_for(lambda b=base: _metric(b, "streamlearn_announcements_following") == 1, what="following")
@@ -83,7 +83,7 @@ def test_without_kafka_the_server_polls_the_store(tmp_path):
     snapshots = tmp_path / "snapshots"
     write_trained_model(snapshots)
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
-    flags = ("--announcements-bootstrap", dead, "--reload-interval-s", "0.05", "--store-poll-s", "3600")
+    flags = ("--bootstrap-servers", dead, "--reload-interval-s", "0.05", "--store-poll-s", "3600")
     with live_server(snapshots, tmp_path / "server.log", *flags) as base:
         assert _version(base) == 1
         write_trained_model(snapshots)
@@ -98,7 +98,7 @@ def test_a_pin_on_one_replica_reaches_the_others_at_once(bootstrap, make_topic, 
     snapshots = tmp_path / "snapshots"
     for _ in range(3):
         write_trained_model(snapshots)
-    flags = ("--announcements-bootstrap", bootstrap, "--announce-topic", announcements)
+    flags = ("--bootstrap-servers", bootstrap, "--announce-topic", announcements)
     env_token = ("--admin-token-file", str(tmp_path / "token"))
     (tmp_path / "token").write_text(TOKEN)
     with _servers(snapshots, tmp_path, 2, *flags, *NO_POLLING, *env_token) as bases:

@@ -86,7 +86,7 @@ def stack(bootstrap, prometheus_binaries, tmp_path_factory):
                           "--drift-window", "1000", "--drift-per-feature", "--log-level", "error"]),
         subprocess.Popen([*base, "serve", "--snapshot-dir", str(root / "snapshots"),
                           "--port", str(server_port), "--log-level", "error",
-                          "--announcements-bootstrap", bootstrap]),
+                          "--bootstrap-servers", bootstrap]),
     ]  # fmt: skip
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},

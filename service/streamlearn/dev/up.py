@@ -60,7 +60,7 @@ class Supervisor:
             bootstrap = self._start_broker() if s.embedded_broker else s.bootstrap
             kafka.check_reachable(bootstrap, s.kafka, s.connect_timeout_s)
             kafka.ensure_topic(bootstrap, s.kafka, s.topic)
-            self._spawn("server", "serve", ServeSettings, {"announcements_bootstrap": bootstrap})
+            self._spawn("server", "serve", ServeSettings, {"bootstrap_servers": bootstrap})
             self._spawn("trainer", "train", TrainSettings, self._train_values(bootstrap))
             if s.demo:
                 self._spawn("producer", "produce", ProduceSettings, {"bootstrap": bootstrap})

@@ -6,6 +6,7 @@ always answers, readiness waits for a first snapshot. Every error is JSON {"erro
 (errors.py), and the OpenAPI document lists every status each route can answer.
 """
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from pydantic import BaseModel
 from streamlearn import __version__
 from streamlearn.config import ServeSettings
 from streamlearn.metrics import ServerMetrics
+from streamlearn.predictionlog import PredictionLog
 from streamlearn.serve import admin, v1, v2
 from streamlearn.serve.dataplane import DataPlane
 from streamlearn.serve.errors import ANY_ROUTE, errors, register_error_handlers
@@ -53,6 +55,8 @@ def create_app(settings: ServeSettings | None = None, registry: CollectorRegistr
         await freshness.start()
         yield
         await freshness.stop()
+        if prediction_log is not None:
+            await asyncio.to_thread(prediction_log.close)
 
     app = FastAPI(
         title="Streamlearn",
@@ -99,7 +103,18 @@ def create_app(settings: ServeSettings | None = None, registry: CollectorRegistr
         """Prometheus metrics, in its text format."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    dataplane = DataPlane(models, metrics, settings.max_instances)
+    prediction_log = None
+    if settings.prediction_log_topic and settings.bootstrap_servers:
+        prediction_log = PredictionLog(
+            settings.bootstrap_servers,
+            settings.kafka,
+            settings.prediction_log_topic,
+            settings.prediction_log_queue,
+            lambda outcome, n: metrics.predictions_logged.labels(outcome).inc(n),
+        )
+    dataplane = DataPlane(
+        models, metrics, settings.max_instances, prediction_log, settings.prediction_log_sample
+    )
     app.include_router(v1.router(dataplane))
     app.include_router(v2.router(dataplane))
     # Matched first; the documented routes describe them.

@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, ValidationError
 from streamlearn.errors import BadRequest, InvalidRecord, MalformedBody, ModelNotFound, UnsupportedMediaType
 from streamlearn.metrics import ServerMetrics
 from streamlearn.models import Prediction
+from streamlearn.predictionlog import MAX_ID_CHARS, PredictionLog, Served, now_ms, prediction_ids, sampled
 from streamlearn.serve import v2_tensors
 from streamlearn.serve.registry import ModelRegistry, ServedModel
 
@@ -44,6 +45,13 @@ class PredictRequest(BaseModel):
     """KServe V1 request: each instance is a feature list or a {name: value} object."""
 
     instances: list[list[Number] | dict[str, Value]] = Field(min_length=1)
+    id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_ID_CHARS,
+        description="The request's id, which keys its predictions in the prediction log (else the "
+        "X-Request-Id header, else new UUIDs); with several instances, instance i is <id>:<i>.",
+    )
 
 
 _Text = Annotated[str, msgspec.Meta(max_length=10_000)]  # the bounds of Value, below
@@ -54,35 +62,74 @@ class _FastRequest(msgspec.Struct):
     """A V1 request as msgspec reads it; other fields are ignored, as pydantic ignores them."""
 
     instances: list[list[float] | dict[str, float | _Text | _Texts | None]]
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)] | None = None
 
 
 _FAST_REQUEST = msgspec.json.Decoder(_FastRequest)
+_EMPTY = _FastRequest(instances=[])
 
 
 class DataPlane:
     """Decode -> predict -> encode, for any protocol's router."""
 
-    def __init__(self, models: ModelRegistry, metrics: ServerMetrics, max_instances: int) -> None:
+    def __init__(
+        self,
+        models: ModelRegistry,
+        metrics: ServerMetrics,
+        max_instances: int,
+        prediction_log: PredictionLog | None = None,
+        log_sample: float = 1.0,
+    ) -> None:
         self.models = models
         self.metrics = metrics
         self.max_instances = max_instances
+        self.prediction_log = prediction_log
+        self.log_sample = log_sample
 
     def predict_v1(self, name: str, headers: Mapping[str, str], body: bytes) -> bytes:
         """A KServe V1 predict: the request's body in, the response's JSON body out."""
+        received_ms = now_ms()
         require_json(headers)
-        instances = parse_instances(body)
+        instances, request_id = parse_instances(body)
         if len(instances) > self.max_instances:
             raise BadRequest(f"too many instances: {len(instances)} > {self.max_instances}")
         served = self.models.get(name)  # one model for the whole request, whatever reloads meanwhile
-        prediction = predict_finite(served, *features(served, instances))
+        x, ids = features(served, instances)
+        prediction = predict_finite(served, x, ids)
         self.metrics.predict_instances.labels(name).inc(len(instances))
-        return orjson.dumps(encode_v1(served, prediction), option=orjson.OPT_SERIALIZE_NUMPY)
+        response = encode_v1(served, prediction)
+        if self.prediction_log is not None:
+            request_id = request_id or headers.get("x-request-id") or None
+            used = x.numpy() if ids is None else instances  # an object has only the model's features
+            response["prediction_ids"] = self._log(served, request_id, received_ms, used, response)
+        return orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def _log(
+        self, served: ServedModel, request_id: str | None, received_ms: int, used: Any, response: dict
+    ) -> list[str]:
+        """Hand the predictions to the prediction log; their ids, for the client's labels."""
+        assert self.prediction_log is not None
+        ids = prediction_ids(request_id[:MAX_ID_CHARS] if request_id else None, len(used))
+        self.prediction_log.submit(
+            Served(
+                ids=ids,
+                logged=[sampled(i, self.log_sample) for i in ids],
+                received_ms=received_ms,
+                model=served.name,
+                version=served.version,
+                features=used,
+                predictions=response["predictions"],
+                probabilities=response.get("probabilities"),
+            )
+        )
+        return ids
 
     def infer_v2(
         self, name: str, version: str | None, headers: Mapping[str, str], body: bytes
     ) -> tuple[bytes, int | None]:
         """An Open Inference Protocol (V2) infer: the request's body in; the response's body out,
         with the length of its JSON header when binary tensor data follows it."""
+        received_ms = now_ms()
         binary = v2_tensors.HEADER_LENGTH in headers
         require_json(headers, also=("application/octet-stream",) if binary else ())
         served = self.served(name, version)
@@ -90,7 +137,14 @@ class DataPlane:
         _refuse_non_finite(request.features, "a feature is NaN, infinite or beyond float32 (|x| > 3.4e38)")
         prediction = predict_finite(served, torch.from_numpy(request.features))
         self.metrics.predict_instances.labels(name).inc(len(request.features))
-        return v2_tensors.encode_infer(served, prediction, request)
+        ids = None
+        if self.prediction_log is not None:
+            outputs = {"predictions": prediction.values.numpy()}
+            if prediction.probabilities is not None:
+                outputs["probabilities"] = prediction.probabilities.numpy()
+            request_id = request.id or headers.get("x-request-id") or None
+            ids = self._log(served, request_id, received_ms, request.features, outputs)
+        return v2_tensors.encode_infer(served, prediction, request, ids)
 
     def served(self, name: str, version: str | None = None) -> ServedModel:
         """The model answering for `name`; a version named in the path must be the served one."""
@@ -118,14 +172,16 @@ def require_json(headers: Mapping[str, str], also: tuple[str, ...] = ()) -> None
         raise UnsupportedMediaType(f"Content-Encoding {encoding[:60]!r} is not supported: send plain JSON")
 
 
-def parse_instances(body: bytes) -> list[Any]:
-    """The body's instances: 400 if it is not JSON, 422 if it is not a request."""
+def parse_instances(body: bytes) -> tuple[list[Any], str | None]:
+    """The body's instances and id: 400 if it is not JSON, 422 if it is not a request."""
     try:
-        instances = _FAST_REQUEST.decode(body).instances
+        request: _FastRequest | PredictRequest = _FAST_REQUEST.decode(body)
     except (msgspec.MsgspecError, RecursionError):
-        instances = []
+        request = _EMPTY
     # An empty list, like any body msgspec refuses, gets pydantic's word for what is wrong.
-    return instances if instances else parse_predict_request(body).instances
+    if not request.instances:
+        request = parse_predict_request(body)
+    return request.instances, request.id
 
 
 def parse_predict_request(body: bytes) -> PredictRequest:

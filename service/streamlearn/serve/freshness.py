@@ -1,6 +1,6 @@
 """How the server learns of new snapshots: announcements on Kafka when it can, polls of the store otherwise.
 
-With --announcements-bootstrap, a Follower reads the trainer's announcements and the registry loads each
+With --bootstrap-servers, a Follower reads the trainer's announcements and the registry loads each
 announced version at once (tens of milliseconds after it is published); the store is then
 listed only every --store-poll-s, as a safety net, and once each time following (re)starts.
 Without Kafka, or while it is unreachable, the store is polled every --reload-interval-s.
@@ -29,18 +29,16 @@ class Freshness:
         self.metrics = metrics
         self.follower: Follower | None = None
         self.announcer: Announcer | None = None
-        if settings.announcements_bootstrap and settings.announce_topic:
+        if settings.bootstrap_servers and settings.announce_topic:
             self.follower = Follower(
-                settings.announcements_bootstrap,
+                settings.bootstrap_servers,
                 settings.kafka,
                 settings.announce_topic,
                 self._announced,
                 self._following,
                 on_invalid=lambda: metrics.announcements.labels("invalid").inc(),
             )
-            self.announcer = Announcer(
-                settings.announcements_bootstrap, settings.kafka, settings.announce_topic
-            )
+            self.announcer = Announcer(settings.bootstrap_servers, settings.kafka, settings.announce_topic)
             metrics.following.labels(settings.announce_topic).set(0)
         self._catch_up = False  # following (re)started: look at the store once
         self._task: asyncio.Task[None] | None = None

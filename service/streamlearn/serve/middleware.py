@@ -17,7 +17,7 @@ from streamlearn.serve.registry import ModelRegistry
 log = logging.getLogger("streamlearn.serve")
 
 # The loggers that may speak once per request or connection: each message at most once per interval.
-NOISY_LOGGERS = ("uvicorn.error", "asyncio", "streamlearn.serve")
+NOISY_LOGGERS = ("uvicorn.error", "asyncio", "streamlearn.serve", "streamlearn.predictionlog")
 
 
 class RateLimitFilter(logging.Filter):

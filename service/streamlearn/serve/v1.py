@@ -32,6 +32,7 @@ class PredictResponse(BaseModel):
     model_name: str
     model_version: int
     model_age_s: float  # seconds since the snapshot that answered was written
+    prediction_ids: list[str] | None = None  # with --prediction-log-topic: each instance's id in the log
 
 
 class HeldSnapshot(BaseModel):

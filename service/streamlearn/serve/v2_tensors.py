@@ -109,7 +109,7 @@ def decode_infer(
 
 
 def encode_infer(
-    served: ServedModel, prediction: Prediction, request: InferRequest
+    served: ServedModel, prediction: Prediction, request: InferRequest, ids: list[str] | None = None
 ) -> tuple[bytes, int | None]:
     """The response's body, and the length of its JSON header when some outputs follow it as bytes."""
     arrays = {"predictions": prediction.values.contiguous().numpy()}
@@ -127,9 +127,15 @@ def encode_infer(
         else:
             output["data"] = array.reshape(-1)  # row-major, flattened
         outputs.append(output)
-    response = {"model_name": served.name, "model_version": str(served.version), "outputs": outputs}
+    response: dict[str, Any] = {
+        "model_name": served.name,
+        "model_version": str(served.version),
+        "outputs": outputs,
+    }
     if request.id is not None:
         response["id"] = request.id
+    if ids is not None:  # the prediction log's ids of the instances, for the client's labels
+        response["parameters"] = {"prediction_ids": ids}
     header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     return (header + b"".join(blobs), len(header)) if blobs else (header, None)
 

@@ -1,0 +1,154 @@
+"""The prediction log: every prediction the server answers, published to Kafka for the label join.
+
+One message per predicted instance, keyed by its prediction id (so that the labels topic, keyed
+the same way, puts an id's label in the same partition), valued by JSON:
+{"id", "ts" (the server's receive time, epoch ms), "model", "version", "features" (as the model
+used them, in the record contract's form), "prediction", "probabilities"?}.
+
+Logging never slows or fails a request: the request hands its predictions over in O(1) to a
+bounded queue, and a thread of its own encodes and produces them. A full queue, or a broker
+that does not take them in time, drops entries, and every dropped one is counted. Sampling keeps
+an id when a hash of it falls below the rate, so a sampled id is sampled wherever it is seen.
+"""
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+import xxhash
+from confluent_kafka import KafkaError, Producer
+
+from streamlearn import kafka
+
+log = logging.getLogger(__name__)
+
+MAX_ID_CHARS = 256
+HASH_SPACE = 2**64
+
+
+def sampled(prediction_id: str, rate: float) -> bool:
+    """Whether an id is logged at this sampling rate: the same answer for the same id, everywhere."""
+    return rate >= 1.0 or xxhash.xxh3_64_intdigest(prediction_id.encode()) < rate * HASH_SPACE
+
+
+def prediction_ids(request_id: str | None, count: int) -> list[str]:
+    """One id per instance: the client's id (suffixed :i when it sent several), else new UUIDs."""
+    if request_id is None:
+        return [str(uuid.uuid4()) for _ in range(count)]
+    return [request_id] if count == 1 else [f"{request_id}:{i}" for i in range(count)]
+
+
+@dataclass(frozen=True)
+class Served:
+    """One request's predictions, as the request hands them over (nothing encoded yet)."""
+
+    ids: Sequence[str]
+    logged: Sequence[bool]  # by the sampling rate
+    received_ms: int
+    model: str
+    version: int
+    features: Sequence[Any]  # per instance: its numbers (an array row) or its {name: value}
+    predictions: Sequence[Any]  # class names or indices, or values
+    probabilities: np.ndarray | None
+
+
+class PredictionLog:
+    """Publishes what `submit` is handed to `topic`, on a thread of its own."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        overrides: Mapping[str, str],
+        topic: str,
+        max_queued: int,
+        counted: Callable[[str, int], None],
+    ) -> None:
+        self.topic = topic
+        self.counted = counted  # (outcome, entries): sent, dropped
+        config = kafka.client_config(
+            bootstrap,
+            overrides,
+            **{
+                "linger.ms": 5,
+                "acks": "all",
+                "enable.idempotence": True,  # a retry never logs a prediction twice
+                "queue.buffering.max.messages": max_queued,
+                "error_cb": _quiet,
+            },
+        )
+        self._producer = Producer(config)
+        self._queue: queue.Queue[Served | None] = queue.Queue(maxsize=max(max_queued // 16, 16))
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    def submit(self, served: Served) -> None:
+        """Hand a request's predictions over; never blocks (a full queue drops them, counted)."""
+        try:
+            self._queue.put_nowait(served)
+        except queue.Full:
+            self.counted("dropped", sum(served.logged))
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        self._producer.flush(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                served = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                self._producer.poll(0)
+                continue
+            if served is None:
+                return
+            try:
+                self._produce(served)
+            except Exception:  # one bad entry never stops the log
+                log.exception("logging the predictions of %s v%d failed", served.model, served.version)
+                self.counted("dropped", sum(served.logged))
+            self._producer.poll(0)
+
+    def _produce(self, served: Served) -> None:
+        dropped = 0
+        for i, prediction_id in enumerate(served.ids):
+            if not served.logged[i]:
+                continue
+            entry: dict[str, Any] = {
+                "id": prediction_id,
+                "ts": served.received_ms,
+                "model": served.model,
+                "version": served.version,
+                "features": served.features[i],
+                "prediction": served.predictions[i],
+            }
+            if served.probabilities is not None:
+                entry["probabilities"] = served.probabilities[i]
+            value = orjson.dumps(entry, option=orjson.OPT_SERIALIZE_NUMPY)
+            try:
+                self._producer.produce(
+                    self.topic, key=prediction_id.encode(), value=value, on_delivery=self._delivered
+                )
+            except BufferError:  # librdkafka's queue is full: the broker is away or slow
+                dropped += 1
+        if dropped:
+            self.counted("dropped", dropped)
+            log.warning("prediction log: %d entries dropped (Kafka's queue is full)", dropped)
+
+    def _delivered(self, error: KafkaError | None, _message: object) -> None:
+        self.counted("sent" if error is None else "dropped", 1)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _quiet(error: KafkaError) -> None:
+    log.debug("prediction log: %s", error.str())
