@@ -1,0 +1,207 @@
+"""The label join: predictions from the prediction log meet the labels that arrive later.
+
+Both topics are keyed by the prediction id and partitioned alike, so an id's prediction and its
+label are in the same partition of each; one PartitionJoin serves one such pair. It is a
+symmetric hash join in event time: whichever of an id's prediction and label comes first waits
+for the other, up to `window_ms` of event time past its own timestamp.
+
+The join's clock is the smaller of the two inputs' newest timestamps, so that a backlog on one
+topic never expires what the other has yet to deliver. A side that has sent nothing for
+`idle_ms` of wall time stops holding the clock back, and when both are idle the clock moves on
+with wall time (otherwise, with traffic stopped, nothing would ever expire: the classic trap of
+stream-stream left joins). Under --deterministic there is no idling: the clock is event time only.
+
+What expires: a prediction without a label is dropped, or learned with the negative label
+(--on-missing-label negative, "no chargeback within 30 days means legitimate"); a label without
+a prediction is dropped (orphaned). A label for an id already joined is a duplicate, one for an
+id expired (or forgotten past its window) is late; both are counted and dropped. At most
+`max_pending` entries wait per pair: beyond it the oldest are evicted, counted. The state is
+plain JSON (state() / restore()), so a snapshot holds it without pickle.
+"""
+
+from collections import Counter, OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+OUTCOMES = ("joined", "imputed", "expired", "orphaned", "late", "duplicate", "evicted")
+NEVER = -(2**62)
+
+
+@dataclass(frozen=True)
+class Logged:
+    """A prediction as the server logged it."""
+
+    id: str
+    ts: int  # the server's receive time, epoch ms
+    features: Any
+    version: int = 0
+    prediction: Any = None
+    probabilities: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class Label:
+    """A label as its producer sent it."""
+
+    id: str
+    ts: int  # when the label became known, epoch ms
+    label: Any
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Joined:
+    """A training example: the logged prediction's features and the label (or the imputed one)."""
+
+    prediction: Logged
+    label: Any
+    weight: float
+    imputed: bool = False  # the negative label of a prediction whose label never came
+
+    @property
+    def delay_ms(self) -> int | None:
+        return None if self.imputed else self.label_ts - self.prediction.ts
+
+    label_ts: int = 0
+
+
+@dataclass
+class PartitionJoin:
+    """The join of one partition of the prediction log with the same partition of the labels."""
+
+    window_ms: int
+    max_pending: int = 100_000
+    on_missing: Literal["drop", "negative"] = "drop"
+    negative: Any = 0
+    idle_ms: int | None = 10_000  # None: event time only (--deterministic)
+    predictions: OrderedDict[str, Logged] = field(default_factory=OrderedDict)
+    labels: OrderedDict[str, Label] = field(default_factory=OrderedDict)
+    finished: OrderedDict[str, tuple[bool, int]] = field(default_factory=OrderedDict)  # id -> (joined, ts)
+    newest: dict[str, int] = field(default_factory=lambda: {"prediction": NEVER, "label": NEVER})
+    clock: int = NEVER
+    counts: Counter[str] = field(default_factory=Counter)
+    _heard: dict[str, float] = field(default_factory=dict)  # side -> wall ms of its last record
+    _idle_from: tuple[float, int] | None = None  # (wall ms, clock) when both sides went idle
+
+    # -- input --------------------------------------------------------------------------------------
+
+    def add_prediction(self, prediction: Logged, wall_ms: float) -> list[Joined]:
+        self._heard_from("prediction", prediction.ts, wall_ms)
+        out: list[Joined] = []
+        if prediction.id in self.finished or prediction.id in self.predictions:
+            self.counts["duplicate"] += 1  # the same prediction logged twice: its first stands
+        elif prediction.id in self.labels:
+            label = self.labels.pop(prediction.id)
+            out.append(self._join(prediction, label))
+        elif prediction.ts + self.window_ms < self.clock:
+            self.counts["expired"] += 1  # so old that it could only have expired already
+        else:
+            self.predictions[prediction.id] = prediction
+            self._bound(self.predictions)
+        return out + self.tick(wall_ms)
+
+    def add_label(self, label: Label, wall_ms: float) -> list[Joined]:
+        self._heard_from("label", label.ts, wall_ms)
+        out: list[Joined] = []
+        done = self.finished.get(label.id)
+        if done is not None or label.id in self.labels:
+            self.counts["duplicate" if done is None or done[0] else "late"] += 1
+        elif label.id in self.predictions:
+            out.append(self._join(self.predictions.pop(label.id), label))
+        elif label.ts + self.window_ms < self.clock:
+            self.counts["late"] += 1  # its prediction expired and was forgotten
+        else:
+            self.labels[label.id] = label
+            self._bound(self.labels)
+        return out + self.tick(wall_ms)
+
+    def tick(self, wall_ms: float) -> list[Joined]:
+        """Advance the clock (event time, and wall time while idle); return what expiry imputes."""
+        self.clock = max(self.clock, self._event_clock(wall_ms))
+        out = []
+        while self.predictions:
+            oldest = next(iter(self.predictions.values()))
+            if oldest.ts + self.window_ms >= self.clock:
+                break
+            del self.predictions[oldest.id]
+            self._finish(oldest.id, False, oldest.ts)
+            if self.on_missing == "negative":
+                self.counts["imputed"] += 1
+                out.append(
+                    Joined(oldest, self.negative, 1.0, imputed=True, label_ts=oldest.ts + self.window_ms)
+                )
+            else:
+                self.counts["expired"] += 1
+        while self.labels:
+            oldest_label = next(iter(self.labels.values()))
+            if oldest_label.ts + self.window_ms >= self.clock:
+                break
+            del self.labels[oldest_label.id]
+            self.counts["orphaned"] += 1
+        while self.finished:  # forget an id a window after it finished: a label then is late anyway
+            first, (_, ts) = next(iter(self.finished.items()))
+            if ts + 2 * self.window_ms >= self.clock:
+                break
+            del self.finished[first]
+        return out
+
+    # -- state --------------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Everything a restart needs, as JSON-able data (wall-time idling restarts afresh)."""
+        return {
+            "predictions": [asdict(p) for p in self.predictions.values()],
+            "labels": [asdict(label) for label in self.labels.values()],
+            "finished": [[key, joined, ts] for key, (joined, ts) in self.finished.items()],
+            "newest": dict(self.newest),
+            "clock": self.clock,
+            "counts": dict(self.counts),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.predictions = OrderedDict((p["id"], Logged(**p)) for p in state["predictions"])
+        self.labels = OrderedDict((label["id"], Label(**label)) for label in state["labels"])
+        self.finished = OrderedDict((key, (bool(joined), int(ts))) for key, joined, ts in state["finished"])
+        self.newest = {side: int(ts) for side, ts in state["newest"].items()}
+        self.clock = int(state["clock"])
+        self.counts = Counter(state["counts"])
+
+    # -- the steps ----------------------------------------------------------------------------------
+
+    def _join(self, prediction: Logged, label: Label) -> Joined:
+        self.counts["joined"] += 1
+        self._finish(prediction.id, True, max(prediction.ts, label.ts))
+        return Joined(prediction, label.label, label.weight, label_ts=label.ts)
+
+    def _finish(self, key: str, joined: bool, ts: int) -> None:
+        self.finished[key] = (joined, ts)
+        self._bound(self.finished, count=False)
+
+    def _bound(self, pending: OrderedDict[str, Any], count: bool = True) -> None:
+        while len(pending) > self.max_pending:
+            pending.popitem(last=False)
+            if count:
+                self.counts["evicted"] += 1
+
+    def _heard_from(self, side: str, ts: int, wall_ms: float) -> None:
+        if not self._heard:  # a side never heard from holds the clock back for idle_ms, no longer
+            self._heard = {"prediction": wall_ms, "label": wall_ms}
+        self.newest[side] = max(self.newest[side], ts)
+        self._heard[side] = wall_ms
+        self._idle_from = None
+
+    def _event_clock(self, wall_ms: float) -> int:
+        if self.idle_ms is None:
+            return min(self.newest.values())
+        active = [
+            self.newest[side]
+            for side in ("prediction", "label")
+            if wall_ms - self._heard.get(side, wall_ms) < self.idle_ms
+        ]
+        if active:
+            return min(active)
+        # Both idle: event time moves on with wall time from where it stood.
+        if self._idle_from is None:
+            self._idle_from = (wall_ms, max(self.clock, max(self.newest.values())))
+        started_wall, started_clock = self._idle_from
+        return int(started_clock + (wall_ms - started_wall))
