@@ -149,6 +149,8 @@ def test_a_plain_json_request_gets_a_plain_json_answer(server):
     assert "inference-header-content-length" not in response.headers
     answer = response.json()
     assert answer["id"] == "42" and answer["model_name"] == "default" and answer["model_version"] == "1"
+    assert 0 <= answer["parameters"]["model_age_s"] < 600  # the snapshot was written by this module
+    assert "prediction_ids" not in answer["parameters"]  # no prediction log here
     [output] = answer["outputs"]
     assert output["name"] == "probabilities" and output["datatype"] == "FP32" and output["shape"] == [2, 2]
     assert len(output["data"]) == 4

@@ -81,6 +81,11 @@ class InferenceResponse(BaseModel):
     model_version: str
     id: str = Field("", description="The request's id, if it had one.")
     outputs: list[ResponseOutput]
+    parameters: Parameters = Field(
+        {},
+        description="model_age_s: seconds since the answering snapshot was written; prediction_ids: "
+        "each instance's id in the prediction log (with --prediction-log-topic).",
+    )
 
 
 def _inlined(model: type[BaseModel]) -> dict[str, Any]:

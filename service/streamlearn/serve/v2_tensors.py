@@ -12,6 +12,7 @@ An output is JSON unless its `binary_data` parameter, or the request's `binary_d
 asks for bytes.
 """
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -134,8 +135,14 @@ def encode_infer(
     }
     if request.id is not None:
         response["id"] = request.id
-    if ids is not None:  # the prediction log's ids of the instances, for the client's labels
-        response["parameters"] = {"prediction_ids": ids}
+    # Seconds since the answering snapshot was written, as V1's model_age_s; and with the
+    # prediction log, each instance's id in it, for the client's labels.
+    parameters: dict[str, Any] = {
+        "model_age_s": round(max(time.time() - served.meta.created_at_ms / 1000, 0.0), 3)
+    }
+    if ids is not None:
+        parameters["prediction_ids"] = ids
+    response["parameters"] = parameters
     header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     return (header + b"".join(blobs), len(header)) if blobs else (header, None)
 
