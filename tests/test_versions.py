@@ -98,6 +98,8 @@ def test_pin_holds_a_version_until_unpinned_and_rollback_goes_back_one(store):
         assert rolled.status_code == 200, rolled.json()
         assert rolled.json()["served"] == 1 and rolled.json()["pinned"] == 1  # v1 was served before v4
         assert served_version(client) == 1
+        again = client.post("/admin/models/default/rollback", headers=AUTH)  # further back: none left
+        assert again.status_code == 409 and served_version(client) == 1
 
 
 def test_admin_errors_are_json_with_their_status(store):
@@ -200,3 +202,45 @@ def test_admin_token_settings_are_checked(tmp_path, capsys):
         assert main(["serve", *flags]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and TOKEN not in err
+
+
+def test_a_corrupt_serving_file_prunes_nothing_and_keeps_the_pin_served(store):
+    for _ in range(3):
+        publish(store)
+    with serve(store, admin_token=TOKEN) as client:
+        wait_for(lambda: served_version(client) == 3)
+        assert client.post("/admin/models/default/pin", json={"version": 1}, headers=AUTH).status_code == 200
+        (store.root / "default" / "serving.json").write_text("{not json")
+        for _ in range(3):  # keep=3, and the pin is unreadable: nothing may be pruned
+            publish(store)
+        assert store.versions("default") == [1, 2, 3, 4, 5, 6]
+        wait_for(lambda: 6 in client.get("/v1/models/default/versions").json()["versions"])
+        assert served_version(client) == 1  # the pin last read still holds
+        assert metric(client, "streamlearn_pinned_model_version") == 1
+
+
+def test_hostile_announcements_are_refused_before_they_reach_the_store():
+    from streamlearn.announcements import decode
+
+    assert decode(b'{"model": "default", "version": 3}') is not None
+    for value in (
+        b'{"model": "../elsewhere/evil", "version": 1}',
+        b'{"model": "/etc", "version": 1}',
+        b'{"model": "default", "version": 0}',
+        b'{"model": "default", "version": 99999999999999999999}',
+        b'{"model": "default", "version": "3"}',
+        b"\xff\xfe",
+        None,
+    ):
+        assert decode(value) is None, value
+
+
+def test_the_gate_ignores_training_metadata_it_cannot_read(store):
+    version = publish(store, loss=0.3)
+    meta = store.meta("default", version)
+    for training in ({"prequential": None}, {"prequential": {"faded_loss": {"1000": "x"}}}, {"x": 1}, None):
+        assert recent_loss(meta.model_copy(update={"training": training})) is None
+    assert (
+        recent_loss(meta.model_copy(update={"training": {"prequential": {"faded_loss": {"1000": 1e400}}}}))
+        is None
+    )

@@ -15,12 +15,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from streamlearn import kafka
+from streamlearn.config import MODEL_NAME
+from streamlearn.snapshots.store import VERSION_DIGITS
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +33,15 @@ COMPACTED = {"cleanup.policy": "compact"}
 DELIVERY_WAIT_S = 0.5  # an announcement still undelivered by then is reported when it is
 
 
+ModelName = Annotated[str, msgspec.Meta(pattern=f"^{MODEL_NAME}$")]  # never a path elsewhere
+Version = Annotated[int, msgspec.Meta(ge=1, le=10**VERSION_DIGITS - 1)]
+
+
 class Announcement(msgspec.Struct, frozen=True):
     """One snapshot published, or one model's serving state changed."""
 
-    model: str
-    version: int
+    model: ModelName
+    version: Version
     location: str = ""  # the trainer's snapshot store, for a human; servers read their own
     created_at_ms: int = 0
     kind: Literal["snapshot", "serving"] = "snapshot"
@@ -150,8 +156,8 @@ class Follower:
                     continue
                 error = message.error()
                 if error is not None:
-                    if error.code() != KafkaError._PARTITION_EOF:
-                        log.debug("announcements: %s", error.str())
+                    if error.code() != KafkaError._PARTITION_EOF:  # e.g. not authorized to read
+                        self._set_health(False, error.str())  # poll the store until the next check
                     continue
                 self._hand_over(message.value())
         except Exception:  # the server keeps polling the store; never die silently

@@ -27,6 +27,7 @@ LOSSES: dict[str, tuple[str, ...]] = {
 KAFKA_ENV_PREFIX = "STREAMLEARN_KAFKA_"
 NOT_A_FLAG: dict[str, Any] = {"cli": False}  # fields the CLI does not offer as flags
 MIN_TOKEN_CHARS = 16  # an admin token shorter than this is refused
+MODEL_NAME = "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # a model's name: a path segment, a URL segment, a label
 
 
 def kafka_overrides(environ: Mapping[str, str]) -> dict[str, str]:
@@ -179,7 +180,7 @@ class TrainSettings(_TrainerMetricsPort, _Snapshots, _Announcements, _DeadLetter
 
     group: str = Field("streamlearn", min_length=1, description="Kafka consumer group id.")
     model_name: str = Field(
-        "default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Name the model is served under."
+        "default", pattern=f"^{MODEL_NAME}$", description="Name the model is served under."
     )
     task: TaskSetting
     classes: Annotated[tuple[str, ...], NoDecode] = Field(
@@ -529,13 +530,17 @@ class ServeSettings(_ServerPort, _Snapshots, _Announcements, _KafkaProperties):
         token = self.admin_secret
         if token is not None and len(token) < MIN_TOKEN_CHARS:
             raise ValueError(f"the admin token must have at least {MIN_TOKEN_CHARS} characters")
+        if token is not None and not (token.isascii() and token.isprintable() and " " not in token):
+            raise ValueError(
+                "the admin token must be printable ASCII without spaces (it travels in a header)"
+            )
         return self
 
     @property
     def admin_secret(self) -> str | None:
         """The admin API's token, from the setting or its file; None: no admin API."""
         if self.admin_token is not None:
-            return self.admin_token.get_secret_value()
+            return self.admin_token.get_secret_value().strip()
         if self.admin_token_file is None:
             return None
         try:

@@ -84,16 +84,24 @@ class PredictionLog:
             },
         )
         self._producer = Producer(config)
-        self._queue: queue.Queue[Served | None] = queue.Queue(maxsize=max(max_queued // 16, 16))
+        self.max_queued = max_queued
+        self._queue: queue.Queue[Served | None] = queue.Queue()
+        self._queued = 0  # predictions handed over and not yet produced
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self._thread.start()
 
     def submit(self, served: Served) -> None:
         """Hand a request's predictions over; never blocks (a full queue drops them, counted)."""
-        try:
+        count = sum(served.logged)
+        with self._lock:
+            full = self._queued + count > self.max_queued
+            if not full:
+                self._queued += count
+        if full:
+            self.counted("dropped", count)
+        elif count:
             self._queue.put_nowait(served)
-        except queue.Full:
-            self.counted("dropped", sum(served.logged))
 
     def close(self, timeout_s: float = 2.0) -> None:
         self._queue.put(None)
@@ -109,38 +117,39 @@ class PredictionLog:
                 continue
             if served is None:
                 return
-            try:
-                self._produce(served)
-            except Exception:  # one bad entry never stops the log
-                log.exception("logging the predictions of %s v%d failed", served.model, served.version)
-                self.counted("dropped", sum(served.logged))
+            self._produce(served)
+            with self._lock:
+                self._queued -= sum(served.logged)
             self._producer.poll(0)
 
     def _produce(self, served: Served) -> None:
+        """Produce each logged entry; one that cannot be (a full queue, too large, anything) is
+        dropped and counted, and the others go on; a produced one is counted at its delivery."""
         dropped = 0
         for i, prediction_id in enumerate(served.ids):
             if not served.logged[i]:
                 continue
-            entry: dict[str, Any] = {
-                "id": prediction_id,
-                "ts": served.received_ms,
-                "model": served.model,
-                "version": served.version,
-                "features": served.features[i],
-                "prediction": served.predictions[i],
-            }
-            if served.probabilities is not None:
-                entry["probabilities"] = served.probabilities[i]
-            value = orjson.dumps(entry, option=orjson.OPT_SERIALIZE_NUMPY)
             try:
+                entry: dict[str, Any] = {
+                    "id": prediction_id,
+                    "ts": served.received_ms,
+                    "model": served.model,
+                    "version": served.version,
+                    "features": served.features[i],
+                    "prediction": served.predictions[i],
+                }
+                if served.probabilities is not None:
+                    entry["probabilities"] = served.probabilities[i]
+                value = orjson.dumps(entry, option=orjson.OPT_SERIALIZE_NUMPY)
                 self._producer.produce(
                     self.topic, key=prediction_id.encode(), value=value, on_delivery=self._delivered
                 )
-            except BufferError:  # librdkafka's queue is full: the broker is away or slow
+            except Exception as exc:  # BufferError: Kafka's queue is full; KafkaException: too large...
                 dropped += 1
+                error = exc
         if dropped:
             self.counted("dropped", dropped)
-            log.warning("prediction log: %d entries dropped (Kafka's queue is full)", dropped)
+            log.warning("prediction log: %d entries of %s dropped: %s", dropped, served.model, error)
 
     def _delivered(self, error: KafkaError | None, _message: object) -> None:
         self.counted("sent" if error is None else "dropped", 1)

@@ -17,11 +17,11 @@ WINDOW = "1000"  # records: the trainer's shorter fading window (trainer.WINDOWS
 
 def recent_loss(meta: SnapshotMeta) -> float | None:
     """The snapshot's prequential loss over about its last WINDOW records, if it has one."""
-    training = meta.training or {}
-    value = training.get("prequential", {}).get("faded_loss", {}).get(WINDOW)
-    if value is None or not math.isfinite(float(value)):
+    try:
+        value = float((meta.training or {})["prequential"]["faded_loss"][WINDOW])
+    except (KeyError, TypeError, ValueError, OverflowError):  # absent, or not what a trainer writes
         return None
-    return float(value)
+    return value if math.isfinite(value) else None
 
 
 @dataclass(frozen=True)

@@ -165,14 +165,18 @@ class ModelRegistry:
     def refresh_model(self, name: str) -> ServedModel | None:
         """Re-read a model's serving state and versions (one listing), and serve what they say."""
         with self._lock:
-            state = self.store.serving_state(name)
+            try:
+                state = self.store.serving_state(name)
+            except SnapshotError as exc:  # corrupt or unreadable: keep to what we knew
+                log.warning("%s; keeping the serving state last read", exc)
+                state = self._states.get(name, ServingState())
             return self._follow(name, state, self.store.versions(name))
 
     def offer(self, name: str, version: int) -> ServedModel | None:
         """A snapshot announced as published: serve it if it is newer and nothing holds it back."""
         with self._lock:
-            if name not in self._states:  # a model this server has not seen yet
-                return self.refresh_model(name)
+            if name not in self._states:  # a model this server has not seen yet, if it is in the store
+                return self.refresh_model(name) if name in self.store.models() else None
             try:
                 meta = self.store.meta(name, version)
             except SnapshotError:  # not in this server's store: another deployment's, or pruned
@@ -207,8 +211,7 @@ class ModelRegistry:
             log.error("pinned %s v%d does not load; serving the newest meanwhile", name, state.pinned)
         baseline = state.held_against
         if self.gate is None and baseline is not None:  # the gate was turned off: let the version go
-            state = state.model_copy(update={"held_against": None})
-            self._save_state(name, state, quiet=True)
+            state = self._change_state(name, quiet=True, held_against=None)
         if current is None and self.gate is not None and baseline is not None and baseline in versions:
             # Restarted while the gate held newer snapshots: serve what it held them against.
             current = self._try_load(name, baseline)
@@ -229,7 +232,7 @@ class ModelRegistry:
             served = self._try_load(name, version, meta)
             if served is not None:
                 if self._held.pop(name, None) is not None or state.held_against is not None:
-                    self._save_state(name, state.model_copy(update={"held_against": None}), quiet=True)
+                    self._change_state(name, quiet=True, held_against=None)
                 return self._swap(served, source)
         if versions and versions[-1] > floor:
             self._considered[name] = versions[-1]  # nothing newer loads: wait for a newer one
@@ -246,8 +249,11 @@ class ModelRegistry:
             served = self._try_load(name, version)
             if served is None:
                 raise VersionConflict(f"{name} v{version} does not load (see the server's log)")
-            state = self._states.get(name, ServingState()).model_copy(update={"pinned": version})
-            self._save_state(name, state)
+            before = self._states.get(name, ServingState()).pinned
+            self._change_state(name, pinned=version)
+            if version not in self.store.versions(name):  # pruned between the check and the pin
+                self._change_state(name, pinned=before)
+                raise VersionConflict(f"{name} v{version} was pruned meanwhile; pin a newer one")
             self._held.pop(name, None)
             if served.version != self.get(name).version:
                 self._swap(served, "pin")
@@ -258,19 +264,19 @@ class ModelRegistry:
         """Follow the newest snapshot again (through the promotion gate, if on)."""
         with self._lock:
             self.get(name)
-            state = self._states.get(name, ServingState()).model_copy(update={"pinned": None})
-            self._save_state(name, state)
+            state = self._change_state(name, pinned=None)
             self._considered.pop(name, None)
             self._follow(name, state, self.store.versions(name), source="unpin")
             log.info("unpinned %s", name)
             return self.versions(name)
 
     def rollback(self, name: str) -> dict[str, Any]:
-        """Pin the version served before the current one (or the newest older one in the store)."""
+        """Pin an earlier version: the last one served before the current one, else the newest older one
+        in the store. Rolling back again goes further back."""
         with self._lock:
             current = self.get(name).version
             available = set(self.store.versions(name))
-            earlier = [v for v in reversed(self._history.get(name, ())) if v in available and v != current]
+            earlier = [v for v in reversed(self._history.get(name, ())) if v in available and v < current]
             earlier += sorted((v for v in available if v < current), reverse=True)
             if not earlier:
                 raise VersionConflict(
@@ -304,25 +310,27 @@ class ModelRegistry:
         self._held[name] = Hold(version, verdict, held.since if held else time.time())
         self._considered[name] = version
         log.warning("promotion gate holds %s v%d: %s (serving v%d)", name, version, verdict.reason, served)
-        state = self._states.get(name, ServingState())
-        if state.held_against != served:
-            self._save_state(name, state.model_copy(update={"held_against": served}), quiet=True)
+        if self._states.get(name, ServingState()).held_against != served:
+            self._change_state(name, quiet=True, held_against=served)
 
     def _hold_of(self, name: str) -> tuple[int, float]:
         """The version held back and for how many seconds; (0, 0.0) when none is."""
         hold = self._held.get(name)
         return (0, 0.0) if hold is None else (hold.version, time.time() - hold.since)
 
-    def _save_state(self, name: str, state: ServingState, quiet: bool = False) -> None:
-        """Persist a model's serving state beside its snapshots (quiet: a failure is only logged)."""
+    def _change_state(self, name: str, quiet: bool = False, **changes: int | None) -> ServingState:
+        """Change fields of a model's serving.json, as it is in the store now (another replica may
+        have changed other fields), and keep it there; quiet: a failure is only logged."""
         try:
+            state = self.store.serving_state(name).model_copy(update=changes)
             self.store.save_serving_state(name, state)
         except (SnapshotError, SnapshotStoreUnavailable) as exc:
             if not quiet:
                 raise SnapshotStoreUnavailable(f"cannot keep the change: {exc}") from None
             log.warning("serving state of %s not kept: %s", name, exc)
+            return self._states.get(name, ServingState())
         self._states[name] = state
-        self.metrics.pinned_version.labels(name).set(state.pinned or 0)
+        return state
 
     def _swap(self, served: ServedModel, source: str) -> ServedModel:
         name = served.name
@@ -330,15 +338,19 @@ class ModelRegistry:
         if previous is not None:
             self._history.setdefault(name, deque(maxlen=HISTORY)).append(previous.version)
         self._models = {**self._models, name: served}  # the atomic swap
+        fresh = (
+            previous is not None and served.version > previous.version and source in ("poll", "announcement")
+        )
+        if fresh:  # a newly published version: how long it took to be served
+            created = served.meta.created_at_ms / 1000
+            self.metrics.serve_delay.labels(source).observe(max(time.time() - created, 0.0))
         log.info("serving %s v%d (%d records learned)", name, served.version, served.meta.records_trained)
-        self._export(served, source)
+        self._export(served)
         return served
 
-    def _export(self, served: ServedModel, source: str) -> None:
+    def _export(self, served: ServedModel) -> None:
         name = served.name
         created = served.meta.created_at_ms / 1000
-        if source in ("poll", "announcement"):
-            self.metrics.serve_delay.labels(source).observe(max(time.time() - created, 0.0))
         self.metrics.reloads.labels(name).inc()
         self.metrics.served_version.labels(name).set(served.version)
         self.metrics.served_records.labels(name).set(served.meta.records_trained)
@@ -346,4 +358,6 @@ class ModelRegistry:
         # Read at each scrape, so a hold ending any way (a promotion, a pin) shows at once.
         self.metrics.promotion_held.labels(name).set_function(lambda: self._hold_of(name)[0])
         self.metrics.promotion_held_seconds.labels(name).set_function(lambda: self._hold_of(name)[1])
-        self.metrics.pinned_version.labels(name).set(self._states.get(name, ServingState()).pinned or 0)
+        self.metrics.pinned_version.labels(name).set_function(
+            lambda: self._states.get(name, ServingState()).pinned or 0
+        )

@@ -8,10 +8,9 @@ from pydantic import BaseModel
 from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.routing import Route
 
+from streamlearn.config import MODEL_NAME
 from streamlearn.serve.dataplane import DataPlane, PredictRequest
 from streamlearn.serve.errors import errors
-
-MODEL_NAME = "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"  # as TrainSettings.model_name
 
 
 class _ModelNameConvertor(StringConvertor):

@@ -100,13 +100,13 @@ class SnapshotStore(ABC):
     # -- the shared logic ---------------------------------------------------------------------------
 
     def serving_state(self, model_name: str) -> ServingState:
-        """What the servers are told about this model; a missing or unreadable file tells nothing."""
+        """What the servers are told about this model: nothing when there is no serving.json;
+        SnapshotError when it cannot be read or is corrupt (never taken as "nothing pinned")."""
         try:
             data = self._read_serving(model_name)
             return ServingState() if data is None else ServingState.model_validate_json(data)
         except (OSError, ValidationError) as exc:
-            log.warning("ignoring %s of %s: %s", SERVING, model_name, exc)
-            return ServingState()
+            raise SnapshotError(f"{SERVING} of {model_name} is unreadable: {exc}") from None
 
     def save_serving_state(self, model_name: str, state: ServingState) -> None:
         try:
@@ -115,8 +115,14 @@ class SnapshotStore(ABC):
             raise SnapshotError(f"cannot write {SERVING} of {model_name}: {exc}") from None
 
     def kept(self, model_name: str, published: list[int]) -> set[int]:
-        """The versions pruning keeps: the newest `keep`, and any the serving state names."""
-        return set(published[-self.keep :]) | (self.serving_state(model_name).protected & set(published))
+        """The versions pruning keeps: the newest `keep`, and any the serving state names (all of
+        them while the serving state cannot be read: a pin must never be pruned)."""
+        try:
+            protected = self.serving_state(model_name).protected
+        except SnapshotError as exc:
+            log.warning("not pruning: %s", exc)
+            return set(published)
+        return set(published[-self.keep :]) | (protected & set(published))
 
     def latest_version(self, model_name: str) -> int | None:
         versions = self.versions(model_name)
