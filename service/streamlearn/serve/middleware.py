@@ -17,7 +17,13 @@ from streamlearn.serve.registry import ModelRegistry
 log = logging.getLogger("streamlearn.serve")
 
 # The loggers that may speak once per request or connection: each message at most once per interval.
-NOISY_LOGGERS = ("uvicorn.error", "asyncio", "streamlearn.serve", "streamlearn.predictionlog")
+NOISY_LOGGERS = (
+    "uvicorn.error",
+    "asyncio",
+    "streamlearn.serve",
+    "streamlearn.predictionlog",
+    "streamlearn.librdkafka",  # a broker away: a line per reconnect attempt
+)
 
 
 class RateLimitFilter(logging.Filter):
