@@ -6,9 +6,8 @@ DURATION_S, and measures each answer's latency. Three runs: no log, the log to t
 broker, and the log to a broker that is gone (every entry dropped, counted; no request may fail).
 Target: p99 at most 0.5 ms above the run without the log.
 
-Not yet in run_all.py: some runs stall for seconds (with the log on, and once without it), and
-the server's own latency histogram shows 10-100 ms predicts in those runs; the cause is not
-found yet (issue 15). Run it by hand: PYTHONPATH=service python bench/bench_prediction_log.py
+Each predict's latency runs from the moment it was due, so a stall counts against every predict
+due during it.
 """
 
 import asyncio
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 
 from bench_order import Child, wait_for
 from bench_serving import make_trainer, save
@@ -39,41 +39,75 @@ WARMUP_S = 2.0
 P99_TARGET_MS = 0.5
 
 
+CONNECTIONS = 32
+WARM = 100  # sequential predicts before the steady ones: connections, lazy imports
+
+
+def request(i: int, body: bytes) -> bytes:
+    """One predict, as bytes on the wire: each with its own id."""
+    payload = b'{"id": "p-%d", ' % i + body[1:]
+    head = (
+        "POST /v1/models/default:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    return head.encode() + payload
+
+
+async def answer(reader: asyncio.StreamReader) -> int:
+    """Read one HTTP/1.1 answer; its status."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    await reader.readexactly(length)
+    return status
+
+
 async def steady(base: str) -> tuple[list[float], int, int]:
-    """Latencies of the answered predicts after the warm-up, failures, and requests sent."""
-    body = {"instances": np.random.default_rng(0).normal(size=(1, 10)).round(4).tolist()}
+    """Latencies of the answered predicts, each from the moment it was due (so that a stall delays
+    every predict due during it: no coordinated omission); failures; and predicts sent.
+
+    A plain asyncio client over keep-alive connections: httpx's own cost per request (milliseconds
+    of Python) made the client, not the server, the bottleneck at this rate."""
+    body = orjson.dumps({"instances": np.random.default_rng(0).normal(size=(1, 10)).round(4).tolist()})
+    host, port = base.removeprefix("http://").split(":")
+    pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    for _ in range(CONNECTIONS):
+        pool.put_nowait(await asyncio.open_connection(host, int(port)))
     latencies: list[float] = []
-    failures = sent = 0
-    async with httpx.AsyncClient(
-        base_url=base, timeout=10, limits=httpx.Limits(max_connections=64)
-    ) as client:
+    failures = 0
 
-        async def one(i: int, measured: bool) -> None:
-            nonlocal failures
-            started = time.perf_counter()
-            try:
-                answer = await client.post("/v1/models/default:predict", json={"id": f"p-{i}", **body})
-                ok = answer.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if not ok:
-                failures += 1
-            elif measured:
-                latencies.append(time.perf_counter() - started)
+    async def one(i: int, due: float, measured: bool) -> None:
+        nonlocal failures
+        reader, writer = await pool.get()
+        try:
+            writer.write(request(i, body))
+            status = await asyncio.wait_for(answer(reader), 30)
+        except (OSError, asyncio.IncompleteReadError, TimeoutError):
+            status = 0
+            writer.close()
+            reader, writer = await asyncio.open_connection(host, int(port))
+        pool.put_nowait((reader, writer))
+        if status != 200:
+            failures += 1
+        elif measured:
+            latencies.append(time.perf_counter() - due)
 
-        for i in range(100):  # first answers are slow (connections, lazy imports): not the steady state
-            await client.post("/v1/models/default:predict", json={"id": f"warm-{i}", **body})
-        tasks = []
-        start = time.perf_counter()
-        total = int(RATE * (DURATION_S + WARMUP_S))
-        for i in range(total):
-            delay = start + i / RATE - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i, i >= RATE * WARMUP_S)))
-            sent += 1
-        await asyncio.gather(*tasks)
-    return latencies, failures, sent
+    for i in range(WARM):
+        await one(-1 - i, time.perf_counter(), False)
+    tasks = []
+    start = time.perf_counter()
+    total = int(RATE * (DURATION_S + WARMUP_S))
+    for i in range(total):
+        due = start + i / RATE
+        if due > time.perf_counter():
+            await asyncio.sleep(due - time.perf_counter())
+        tasks.append(asyncio.create_task(one(i, due, i >= RATE * WARMUP_S)))
+    await asyncio.gather(*tasks)
+    while not pool.empty():
+        pool.get_nowait()[1].close()
+    return latencies, failures, total
 
 
 def counter(port: int, outcome: str) -> float:
@@ -101,13 +135,13 @@ def run(snapshots: str, log_dir: str, flags: list[str], env: dict[str, str] | No
         latencies, failures, sent = asyncio.run(steady(base))
         logged = flags != []
         if logged:  # every entry ends sent or dropped: wait for the last deliveries or timeouts
-            total = sent + 100  # and the warm-up's
+            total = sent + WARM  # and the warm-up's
             wait_for(lambda: counter(port, "sent") + counter(port, "dropped") >= total, 60, "the log drained")
         return {
             "latencies": latencies,
             "failures": failures,
             "sent": sent,
-            "entries": sent + 100 if logged else 0,  # the warm-up's too
+            "entries": sent + WARM if logged else 0,  # the warm-up's too
             "logged": counter(port, "sent") if logged else 0,
             "dropped": counter(port, "dropped") if logged else 0,
         }

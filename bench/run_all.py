@@ -12,6 +12,7 @@ import bench_ingest
 import bench_learning
 import bench_order
 import bench_pipeline
+import bench_prediction_log
 import bench_quantize
 import bench_restart
 import bench_serving
@@ -30,6 +31,7 @@ def main() -> None:
         *bench_serving.main(),
         *bench_serving_load.main(),
         *bench_announce.main(),
+        *bench_prediction_log.main(),
         *bench_quantize.main(),
         *bench_snapshots.main(),
         *bench_learning.main(),
