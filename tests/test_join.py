@@ -63,6 +63,15 @@ def test_late_and_duplicate_labels_are_counted_and_dropped():
     assert join.counts["late"] == 2 and join.counts["joined"] == 1
 
 
+def test_a_prediction_and_label_further_apart_than_the_window_never_join():
+    join = PartitionJoin(W, idle_ms=None)
+    join.add_prediction(p("a", 0), 0)
+    assert join.add_label(lab("a", W + 1), 0) == [] and join.counts["late"] == 1  # the clock lags
+    join.add_label(lab("b", 0), 0)
+    assert join.add_prediction(p("b", W + 1), 0) == [] and join.counts["orphaned"] == 1
+    assert join.add_label(lab("b", W + 2), 0)[0].label == 1  # b's own window still holds
+
+
 def test_the_clock_waits_for_the_slower_topic():
     join = PartitionJoin(W, idle_ms=None)
     join.add_label(lab("x", 0), 0)
@@ -77,6 +86,15 @@ def test_with_traffic_stopped_the_clock_moves_with_wall_time():
     join = PartitionJoin(W, idle_ms=2_000)
     join.add_prediction(p("a", 0), wall_ms=10_000)
     join.add_label(lab("x", 0), wall_ms=10_000)
+    join.tick(20_000)
+    assert join.counts["expired"] == 0  # silent, but not known to be read to the end: a backlog, maybe
+    join.reached_end("prediction", 20_000)
+    join.reached_end("label", 20_000)
+    join = PartitionJoin(W, idle_ms=2_000)
+    join.add_prediction(p("a", 0), wall_ms=10_000)
+    join.add_label(lab("x", 0), wall_ms=10_000)
+    join.reached_end("prediction", 10_000)
+    join.reached_end("label", 10_000)
     assert join.tick(11_900) == [] and join.counts["expired"] == 0  # not idle yet
     join.tick(12_000)  # both idle from here: the clock starts moving with wall time
     assert join.counts["expired"] == 0
@@ -87,6 +105,7 @@ def test_with_traffic_stopped_the_clock_moves_with_wall_time():
 def test_a_label_topic_that_never_speaks_stops_holding_the_clock_back():
     join = PartitionJoin(W, idle_ms=2_000, on_missing="negative")
     join.add_prediction(p("a", 0), wall_ms=0)
+    join.reached_end("label", 0)  # an empty topic: its end is reported at once
     assert join.tick(1_999) == []
     out = join.add_prediction(p("b", 5_000), wall_ms=2_500)  # the label side is idle: the log's clock
     assert [j.prediction.id for j in out] == ["a"] and out[0].imputed

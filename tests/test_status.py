@@ -57,3 +57,22 @@ def test_serving_shows_pins_holds_and_how_new_snapshots_arrive():
     assert "fraud             HELD" not in text
     server.following.labels("streamlearn.snapshots").set(1)
     assert "announced (Kafka)" in render(None, parse(page(server)))
+
+
+def test_the_label_join_shows_outcomes_coverage_delays_and_served_accuracy_per_version():
+    trainer = TrainerMetrics(CollectorRegistry())
+    assert "LABEL JOIN" not in render(parse(page(trainer)), None)  # not joining: no such section
+    trainer.join_outcomes.labels("joined").inc(900)
+    trainer.join_outcomes.labels("expired").inc(100)
+    trainer.join_pending.labels("predictions").set(42)
+    trainer.join_pending.labels("labels").set(3)
+    trainer.join_coverage.set(0.9)
+    for version, (n, right) in {"7": (100, 80), "8": (50, 45)}.items():
+        trainer.served_labelled.labels(version).inc(n)
+        trainer.served_correct.labels(version).inc(right)
+    for seconds in (2, 3, 400):
+        trainer.label_delay.observe(seconds)
+    text = render(parse(page(trainer)), None)
+    assert "joined 900   expired 100" in text and "42 predictions   3 labels" in text
+    assert "coverage          0.900" in text
+    assert "served accuracy   v8 0.900 (50 labels)   v7 0.800 (100 labels)" in text

@@ -88,6 +88,29 @@ ROWS = {
             ("sum by (outcome) (rate(streamlearn_predictions_logged_total[1m]))", "{{outcome}}"),
         ]),
     ],
+    "Label join": [
+        ("Served vs prequential accuracy", "percentunit", [
+            ("sum by (model_version) (rate(streamlearn_served_correct_total[5m]))"
+             " / clamp_min(sum by (model_version) (rate(streamlearn_served_labelled_total[5m])), 1e-9)",
+             "served v{{model_version}}"),
+            ('streamlearn_prequential_accuracy_ratio{window="1000"}', "prequential last 1k {{instance}}"),
+        ]),
+        ("Served squared error (regression)", "none", [
+            ("sum by (model_version) (rate(streamlearn_served_squared_error_total[5m]))"
+             " / clamp_min(sum by (model_version) (rate(streamlearn_served_labelled_total[5m])), 1e-9)",
+             "served v{{model_version}}"),
+            ('streamlearn_prequential_loss{window="1000"}', "prequential last 1k {{instance}}"),
+        ]),
+        ("Join coverage", "percentunit", [("streamlearn_join_coverage_ratio", "{{instance}}")]),
+        ("Join outcomes per second", "short", [
+            ("sum by (outcome) (rate(streamlearn_join_outcomes_total[1m]))", "{{outcome}}"),
+        ]),
+        ("Label delay", "s", [
+            (f"histogram_quantile({q}, sum by (le) (rate(streamlearn_label_delay_seconds_bucket[5m])))", f"p{p}")
+            for q, p in ((0.5, 50), (0.99, 99))
+        ]),
+        ("Waiting to be joined", "short", [("sum by (side) (streamlearn_join_pending)", "{{side}}")]),
+    ],
 }  # fmt: skip
 ANNOTATION = "sum by (detector) (changes(streamlearn_drift_detections_total[1m])) > 0"
 

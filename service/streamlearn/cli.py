@@ -31,7 +31,8 @@ from streamlearn.config import (
 from streamlearn.errors import StreamlearnError
 
 log = logging.getLogger("streamlearn")
-QUIET_LIBRARIES = ("aiobotocore", "botocore", "s3fs", "fsspec")
+# their INFO lines are noise: where credentials came from, a line per HTTP request of the demo client
+QUIET_LIBRARIES = ("aiobotocore", "botocore", "s3fs", "fsspec", "httpx")
 
 
 class UsageError(Exception):
@@ -148,7 +149,10 @@ def run_produce(settings: ProduceSettings) -> int:
 
     stop = _stop_event()
     sent = publish(settings, stopped=stop.is_set)
-    print(f"published {sent} records to {settings.topic}")
+    if settings.predict_url:
+        print(f"published {sent} labels to {settings.labels_topic}")
+    else:
+        print(f"published {sent} records to {settings.topic}")
     return 0
 
 
@@ -293,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             level=getattr(settings, "log_level", "info").upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-        for chatty in QUIET_LIBRARIES:  # their INFO lines (where credentials came from) are noise
+        for chatty in QUIET_LIBRARIES:
             logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
         return run(settings)
     except UsageError as exc:

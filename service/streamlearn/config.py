@@ -8,6 +8,7 @@ written as underscores (STREAMLEARN_KAFKA_SECURITY_PROTOCOL=SASL_SSL).
 
 import itertools
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -122,8 +123,103 @@ class _Announcements(_Settings):
     )
 
 
+class _PredictionLog(_Settings):
+    prediction_log_topic: str | None = Field(
+        None,
+        min_length=1,
+        max_length=249,
+        description="Topic of the prediction log, every served prediction keyed by its id: the server "
+        "publishes to it (needs --bootstrap-servers), the trainer joins it with --labels-topic "
+        "(default: none).",
+    )
+
+
+def _seconds(value: Any) -> Any:
+    """A duration in seconds: a number, or a number with a unit (500ms, 90s, 15m, 2h, 30d)."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
+        if match is None:
+            raise ValueError(f"{value!r} is no duration: a number of seconds, or one with ms, s, m, h or d")
+        return float(match[1]) * DURATION_UNITS_S[match[2] or "s"]
+    return value
+
+
+DURATION_UNITS_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86_400}
+Duration = Annotated[float, BeforeValidator(_seconds), Field(ge=0.001, le=366 * 86_400)]  # seconds
+
+
+class _LabelsTopic(_Settings):
+    labels_topic: str | None = Field(
+        None,
+        min_length=1,
+        max_length=249,
+        description="Topic of labels that arrive after their predictions ({id, label, ts, weight?} "
+        "keyed by the prediction id): the trainer learns the prediction log (--prediction-log-topic) "
+        "joined with it instead of --topic; the demo client publishes its labels to it.",
+    )
+
+
+class _LabelJoin(_LabelsTopic, _PredictionLog):
+    join_window: Duration = Field(
+        3600.0,
+        description="How long, in event time, a prediction waits for its label (and a label for its "
+        "prediction): seconds, or with a unit (500ms, 90s, 15m, 2h, 30d).",
+    )
+    on_missing_label: Literal["drop", "negative"] = Field(
+        "drop",
+        description="A prediction whose label did not come within --join-window: dropped, or learned "
+        "with the negative class (--task binary: class 0, the first of --classes).",
+    )
+    join_max_pending: int = Field(
+        100_000,
+        ge=1,
+        le=10_000_000,
+        description="Predictions (and labels) waiting to be joined, per partition, at most; beyond it "
+        "the oldest are evicted, counted.",
+    )
+    join_idle_s: float = Field(
+        10.0,
+        gt=0,
+        le=86_400,
+        description="A joined topic that is read to its end and silent this long stops holding the "
+        "join's clock back; with both silent the clock moves on with wall time, so waiting "
+        "predictions still expire. Ignored with --deterministic.",
+    )
+
+    @property
+    def joining(self) -> bool:
+        return self.labels_topic is not None
+
+    @model_validator(mode="after")
+    def _join_inputs(self) -> "_LabelJoin":
+        if self.labels_topic and not self.prediction_log_topic:
+            raise ValueError("--labels-topic needs --prediction-log-topic, the predictions to join")
+        if self.labels_topic and self.labels_topic == self.prediction_log_topic:
+            raise ValueError("--labels-topic and --prediction-log-topic must be two topics")
+        return self
+
+
 class _Topic(_Settings):
     topic: str = Field("events", min_length=1, max_length=249, description="Topic of the JSON events.")
+
+
+class _ModelName(_Settings):
+    model_name: str = Field(
+        "default", pattern=f"^{MODEL_NAME}$", description="Name the model is served under."
+    )
+
+
+class _DelayedLabels(_Settings):
+    label_delay_s: float = Field(
+        5.0,
+        ge=0,
+        le=86_400,
+        description="Mean delay, in seconds, between a demo client's prediction and its label "
+        "(exponentially distributed).",
+    )
+    label_loss: float = Field(
+        0.0, ge=0, le=1, description="Share of a demo client's predictions whose label never comes (0 to 1)."
+    )
 
 
 class _DeadLetters(_Topic):
@@ -175,13 +271,12 @@ class BrokerSettings(_EmbeddedBroker):
     broker_host: str = Field("127.0.0.1", description="Address the embedded broker listens on.")
 
 
-class TrainSettings(_TrainerMetricsPort, _Snapshots, _Announcements, _DeadLetters, _Kafka):
+class TrainSettings(
+    _TrainerMetricsPort, _Snapshots, _Announcements, _LabelJoin, _ModelName, _DeadLetters, _Kafka
+):
     """`streamlearn train`: consume events, learn test-then-train, write snapshots."""
 
     group: str = Field("streamlearn", min_length=1, description="Kafka consumer group id.")
-    model_name: str = Field(
-        "default", pattern=f"^{MODEL_NAME}$", description="Name the model is served under."
-    )
     task: TaskSetting
     classes: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Class names, comma-separated (multiclass; or two names for binary)."
@@ -404,6 +499,8 @@ class TrainSettings(_TrainerMetricsPort, _Snapshots, _Announcements, _DeadLetter
             raise ValueError("--task binary has exactly two classes")
         if self.task == "regression" and (self.classes or self.num_classes):
             raise ValueError("--task regression takes no classes")
+        if self.on_missing_label == "negative" and self.task != "binary":
+            raise ValueError("--on-missing-label negative needs --task binary")
         if self.feature_names and self.n_features not in (None, len(self.feature_names)):
             raise ValueError("--feature-names and --n-features disagree")
         kinds = {"--numeric": self.numeric, "--categorical": self.categorical,
@@ -427,7 +524,7 @@ class TrainSettings(_TrainerMetricsPort, _Snapshots, _Announcements, _DeadLetter
         return self
 
 
-class ServeSettings(_ServerPort, _Snapshots, _Announcements, _KafkaProperties):
+class ServeSettings(_ServerPort, _Snapshots, _Announcements, _PredictionLog, _KafkaProperties):
     """`streamlearn serve`: the prediction server (KServe V1 and V2)."""
 
     host: str = Field("127.0.0.1", description="Address the server listens on.")
@@ -436,13 +533,6 @@ class ServeSettings(_ServerPort, _Snapshots, _Announcements, _KafkaProperties):
         description="Kafka bootstrap servers of the server: it follows snapshot announcements there "
         "(--announce-topic; without them, or while they are unreachable, it polls the store) and "
         "logs predictions (--prediction-log-topic).",
-    )
-    prediction_log_topic: str | None = Field(
-        None,
-        min_length=1,
-        max_length=249,
-        description="Topic to publish every served prediction to, keyed by its id, for the label "
-        "join (needs --bootstrap-servers; default: no log).",
     )
     prediction_log_sample: float = Field(
         1.0,
@@ -549,7 +639,7 @@ class ServeSettings(_ServerPort, _Snapshots, _Announcements, _KafkaProperties):
             raise ValueError(f"cannot read the admin token file: {exc.strerror}") from None
 
 
-class ProduceSettings(_Topic, _Kafka):
+class ProduceSettings(_DelayedLabels, _LabelsTopic, _ModelName, _Topic, _Kafka):
     """`streamlearn produce`: publish a synthetic, drifting demo stream."""
 
     stream: StreamSetting
@@ -558,9 +648,26 @@ class ProduceSettings(_Topic, _Kafka):
     drift_every: int = Field(5000, ge=0, description="Records between concept changes (0: never).")
     invalid_every: int = Field(0, ge=0, description="Publish an invalid record every N records (0: never).")
     stream_seed: int = Field(0, description="Seed of the stream; the same seed gives the same stream.")
+    predict_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^/?#\s]+/?$",
+        description="Play a client of the prediction server at this base URL (http://HOST:PORT) "
+        "instead of publishing records: ask --model-name to predict each record, under an id of its "
+        "own, and publish the record's label to --labels-topic later (--label-delay-s, --label-loss).",
+    )
+
+    @model_validator(mode="after")
+    def _client_mode(self) -> "ProduceSettings":
+        if self.predict_url and not self.labels_topic:
+            raise ValueError("--predict-url needs --labels-topic, where the labels go")
+        if self.predict_url and self.invalid_every:
+            raise ValueError("--invalid-every publishes records: it does not apply to --predict-url")
+        return self
 
 
-class UpSettings(_EmbeddedBroker, _TrainerMetricsPort, _ServerPort, _Snapshots, _Topic, _Kafka):
+class UpSettings(
+    _DelayedLabels, _EmbeddedBroker, _TrainerMetricsPort, _ServerPort, _Snapshots, _Topic, _Kafka
+):
     """`streamlearn up`: broker (unless --bootstrap), topic, trainer, server and demo, in one command.
 
     The settings it shares with `train`, `serve` and `produce` are passed on to them.
@@ -568,6 +675,13 @@ class UpSettings(_EmbeddedBroker, _TrainerMetricsPort, _ServerPort, _Snapshots, 
 
     demo: bool = Field(
         False, description="Also publish the --stream and train on it (otherwise train on your own events)."
+    )
+    delayed_labels: bool = Field(
+        False,
+        description="With --demo: a client asks the server for predictions, which it logs to "
+        "<topic>.predictions; their labels come later on <topic>.labels (--label-delay-s, "
+        "--label-loss), and the trainer learns the two joined, after a warm-up on complete records "
+        "that gives the server its first model.",
     )
     duration_s: float | None = Field(None, gt=0, description="Stop everything after this many seconds.")
     task: TaskSetting = "binary"
@@ -583,6 +697,8 @@ class UpSettings(_EmbeddedBroker, _TrainerMetricsPort, _ServerPort, _Snapshots, 
     def _progress_needs_metrics(self) -> "UpSettings":
         if self.metrics_port == 0:
             raise ValueError("--metrics-port 0 would hide the trainer's progress from `up`")
+        if self.delayed_labels and not self.demo:
+            raise ValueError("--delayed-labels needs --demo, whose client makes the predictions and labels")
         return self
 
 

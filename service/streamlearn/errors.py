@@ -82,6 +82,7 @@ class InvalidReason(StrEnum):
     BAD_LABEL = "bad_label"
     UNKNOWN_CLASS = "unknown_class"
     BAD_WEIGHT = "bad_weight"
+    BAD_JOIN_FIELD = "bad_join_field"  # a prediction-log entry or label without a valid id, ts or version
     INTERNAL_ERROR = "internal_error"  # decoding or learning it raised an exception nobody foresaw
 
 

@@ -17,6 +17,12 @@ from streamlearn.errors import BrokerUnavailable, KafkaOperationError
 log = logging.getLogger(__name__)
 kafka_log = logging.getLogger("streamlearn.librdkafka")
 
+# How producers of the prediction log and of the labels topic pick a partition: both keyed by the
+# prediction id and hashed with murmur2 as the Java client does, so that an id's prediction and its
+# label land in the same partition of each, whichever client produced them (librdkafka's default,
+# consistent_random, hashes with CRC32 and would disagree with a Java, Go or Kafka Streams producer).
+LABEL_JOIN_PARTITIONER = "murmur2_random"
+
 
 def client_config(bootstrap: str, overrides: Mapping[str, str], **defaults: Any) -> dict[str, Any]:
     """librdkafka configuration: our defaults, then the user's STREAMLEARN_KAFKA_* overrides."""
@@ -58,6 +64,18 @@ def ensure_topic(
         raise BrokerUnavailable(f"cannot reach Kafka at {bootstrap} to create topic {topic!r}") from None
 
 
+def partition_counts(
+    bootstrap: str, overrides: Mapping[str, str], topics: list[str], timeout_s: float = 10.0
+) -> dict[str, int | None]:
+    """How many partitions each topic has (None: no such topic)."""
+    admin = AdminClient(client_config(bootstrap, overrides))
+    try:
+        known = admin.list_topics(timeout=timeout_s).topics
+    except KafkaException as exc:
+        raise BrokerUnavailable(f"cannot reach Kafka at {bootstrap} ({exc.args[0].str()})") from None
+    return {topic: len(known[topic].partitions) if topic in known else None for topic in topics}
+
+
 def make_consumer(
     bootstrap: str,
     overrides: Mapping[str, str],
@@ -68,17 +86,20 @@ def make_consumer(
     on_error: Callable[[KafkaError], None] | None = None,
     on_commit: Callable[[KafkaError | None, list[TopicPartition]], None] | None = None,
     report_end: bool = False,
+    assignor: str = "cooperative-sticky",
 ) -> Consumer:
     """A consumer with manual offsets: nothing is committed or stored unless we say so.
 
     With `report_end`, reaching the end of a partition is reported as a _PARTITION_EOF event.
+    The `range` assignor (eager) gives partition p of every subscribed topic to the same member,
+    when the topics have as many partitions: what a join of co-partitioned topics needs.
     """
     defaults: dict[str, Any] = {
         "group.id": group,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": start_offset,
-        "partition.assignment.strategy": "cooperative-sticky",
+        "partition.assignment.strategy": assignor,
         # A crashed trainer's partitions move after the session timeout (librdkafka's default is 45 s).
         "session.timeout.ms": session_timeout_ms,
         "heartbeat.interval.ms": max(session_timeout_ms // 6, 100),
@@ -92,8 +113,9 @@ def make_consumer(
     return Consumer(client_config(bootstrap, overrides, **defaults))
 
 
-def make_producer(bootstrap: str, overrides: Mapping[str, str]) -> Producer:
-    """An idempotent producer that waits for all in-sync replicas."""
+def make_producer(bootstrap: str, overrides: Mapping[str, str], **properties: Any) -> Producer:
+    """An idempotent producer that waits for all in-sync replicas; `properties` add to our defaults
+    (partitioner=LABEL_JOIN_PARTITIONER, say), the user's overrides still win."""
     config = client_config(
         bootstrap,
         overrides,
@@ -102,6 +124,7 @@ def make_producer(bootstrap: str, overrides: Mapping[str, str]) -> Producer:
             "enable.idempotence": True,
             "linger.ms": 5,
             "error_cb": _log_error,
+            **properties,
         },
     )
     return Producer(config)

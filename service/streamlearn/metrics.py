@@ -13,6 +13,10 @@ STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 DETECTORS = ("adwin", "page_hinkley", "feature_psi", "label")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# from a click a second after its impression to a chargeback a month after its payment
+DAY = 86_400
+LABEL_DELAY_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, DAY, 3 * DAY, 7 * DAY, 30 * DAY)
+JOIN_OUTCOMES = ("joined", "imputed", "expired", "orphaned", "late", "duplicate", "evicted", "other_model")
 
 
 class TrainerMetrics:
@@ -168,6 +172,55 @@ class TrainerMetrics:
         self.label_drift = Gauge(
             "streamlearn_label_drift_score",
             "Label drift: PSI of the class priors, or the shift of the label mean in reference std.",
+            registry=registry,
+        )
+        # the label join (--labels-topic)
+        self.join_outcomes = Counter(
+            "streamlearn_join_outcomes_total",
+            "What became of logged predictions and labels: joined, imputed (the negative label of a "
+            "prediction whose label never came), expired (dropped unlabelled), orphaned (a label "
+            "without its prediction), late, duplicate, evicted (past --join-max-pending), other_model.",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in JOIN_OUTCOMES:
+            self.join_outcomes.labels(outcome)
+        self.join_pending = Gauge(
+            "streamlearn_join_pending",
+            "Predictions and labels waiting for each other, by side (predictions, labels).",
+            ["side"],
+            registry=registry,
+        )
+        self.join_coverage = Gauge(
+            "streamlearn_join_coverage_ratio",
+            "Share of logged predictions whose label came within the window: joined / (joined + "
+            "expired + imputed), fading over the last 1,000.",
+            registry=registry,
+        )
+        self.label_delay = Histogram(
+            "streamlearn_label_delay_seconds",
+            "Event time from a served prediction to its label, for the labels that joined.",
+            buckets=LABEL_DELAY_BUCKETS,
+            registry=registry,
+        )
+        self.served_labelled = Counter(
+            "streamlearn_served_labelled_total",
+            "Served predictions whose label came, by the snapshot version that served them (the "
+            "newest 10 versions).",
+            ["model_version"],
+            registry=registry,
+        )
+        self.served_correct = Counter(
+            "streamlearn_served_correct_total",
+            "Of those, the ones the served prediction got right (classification): divided by "
+            "streamlearn_served_labelled_total, the accuracy of what was actually served.",
+            ["model_version"],
+            registry=registry,
+        )
+        self.served_squared_error = Counter(
+            "streamlearn_served_squared_error_total",
+            "Sum of the squared errors of the served predictions whose label came (regression).",
+            ["model_version"],
             registry=registry,
         )
 

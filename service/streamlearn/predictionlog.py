@@ -81,6 +81,7 @@ class PredictionLog:
                 "linger.ms": 5,
                 "acks": "all",
                 "enable.idempotence": True,  # a retry never logs a prediction twice
+                "partitioner": kafka.LABEL_JOIN_PARTITIONER,  # as the labels' producers must
                 "queue.buffering.max.messages": max_queued,
                 "error_cb": _quiet,
             },

@@ -119,6 +119,7 @@ def render(trainer: Samples | None, server: Samples | None) -> str:
             f", written {_number(value(t, 'streamlearn_snapshot_age_seconds'), '.1f')} s ago"
             f", {total(t, 'streamlearn_snapshot_failures_total'):.0f} failed writes",
             f"  Kafka errors      {total(t, 'streamlearn_kafka_errors_total'):.0f}",
+            *_label_join(t),
         ]
     if server is None:
         lines.append("server: not reachable")
@@ -141,6 +142,35 @@ def render(trainer: Samples | None, server: Samples | None) -> str:
             ),
         ]
     return "\n".join(lines)
+
+
+def _label_join(t: Samples) -> list[str]:
+    """The label join's lines, when the trainer joins (--labels-topic)."""
+    pending = by_label(t, "streamlearn_join_pending", "side")
+    if not pending:
+        return []
+    outcomes = by_label(t, "streamlearn_join_outcomes_total", "outcome")
+    delays = [quantile(t, "streamlearn_label_delay_seconds", q) for q in (0.5, 0.99)]
+    labelled = by_label(t, "streamlearn_served_labelled_total", "model_version")
+    correct = by_label(t, "streamlearn_served_correct_total", "model_version")
+    squared = by_label(t, "streamlearn_served_squared_error_total", "model_version")
+    newest = sorted(labelled, key=int, reverse=True)[:3]
+    scores = [
+        f"v{v} {(correct[v] if v in correct else squared.get(v, 0.0)) / labelled[v]:.3f} "
+        f"({labelled[v]:,.0f} labels)"
+        for v in newest
+        if labelled[v]
+    ]
+    return [
+        "LABEL JOIN",
+        "  outcomes          "
+        + ("   ".join(f"{k} {v:,.0f}" for k, v in outcomes.items() if v) or "none yet"),
+        f"  waiting           {pending.get('predictions', 0):,.0f} predictions"
+        f"   {pending.get('labels', 0):,.0f} labels",
+        f"  coverage          {_number(value(t, 'streamlearn_join_coverage_ratio'), '.3f')} (last 1k)"
+        f"   label delay p50 {_number(delays[0], '.3g')} s   p99 {_number(delays[1], '.3g')} s",
+        f"  served {'accuracy' if correct else 'sq. error'}   " + ("   ".join(scores) or "no labels yet"),
+    ]
 
 
 def _versions(s: Samples) -> list[str]:

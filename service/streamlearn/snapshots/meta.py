@@ -35,6 +35,7 @@ class SnapshotContent(BaseModel):
     drift: dict[str, Any] | None = None  # detector state and the newest detections
     dlq: DeadLetterMarks | None = None
     origin: dict[str, Any] | None = None  # the model a warm start began from (--init-from)
+    join: dict[str, Any] | None = None  # the label join's counts, coverage and served scores
     config: dict[str, Any] = Field(default_factory=dict)  # the trainer's settings, credentials excluded
 
 

@@ -5,11 +5,16 @@ label are in the same partition of each; one PartitionJoin serves one such pair.
 symmetric hash join in event time: whichever of an id's prediction and label comes first waits
 for the other, up to `window_ms` of event time past its own timestamp.
 
+An id's prediction and label join when their timestamps are at most `window_ms` apart, whichever
+arrives first; further apart, the label is late (or, before its prediction, orphaned) whenever
+it arrives, so what joins does not depend on how the two topics' reads interleave.
+
 The join's clock is the smaller of the two inputs' newest timestamps, so that a backlog on one
-topic never expires what the other has yet to deliver. A side that has sent nothing for
-`idle_ms` of wall time stops holding the clock back, and when both are idle the clock moves on
-with wall time (otherwise, with traffic stopped, nothing would ever expire: the classic trap of
-stream-stream left joins). Under --deterministic there is no idling: the clock is event time only.
+topic never expires what the other has yet to deliver. A side read to its end that has sent
+nothing for `idle_ms` of wall time stops holding the clock back, and when both are idle the
+clock moves on with wall time from where it stood (otherwise, with traffic stopped, nothing
+would ever expire: the classic trap of stream-stream left joins). Under --deterministic there is
+no idling: the clock is event time only.
 
 What expires: a prediction without a label is dropped, or learned with the negative label
 (--on-missing-label negative, "no chargeback within 30 days means legitimate"); a label without
@@ -37,6 +42,7 @@ class Logged:
     version: int = 0
     prediction: Any = None
     probabilities: list[float] | None = None
+    offset: int = -1  # in the prediction log
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class PartitionJoin:
     clock: int = NEVER
     counts: Counter[str] = field(default_factory=Counter)
     _heard: dict[str, float] = field(default_factory=dict)  # side -> wall ms of its last record
+    _at_end: dict[str, bool] = field(default_factory=dict)  # side -> read to its end since then
     _idle_from: tuple[float, int] | None = None  # (wall ms, clock) when both sides went idle
 
     # -- input --------------------------------------------------------------------------------------
@@ -90,6 +97,10 @@ class PartitionJoin:
         out: list[Joined] = []
         if prediction.id in self.finished or prediction.id in self.predictions:
             self.counts["duplicate"] += 1  # the same prediction logged twice: its first stands
+        elif prediction.id in self.labels and (apart := self._apart(prediction, self.labels[prediction.id])):
+            del self.labels[prediction.id]
+            self.counts[apart] += 1
+            return out + self.add_prediction(prediction, wall_ms)  # it waits for no other label
         elif prediction.id in self.labels:
             label = self.labels.pop(prediction.id)
             out.append(self._join(prediction, label))
@@ -106,6 +117,8 @@ class PartitionJoin:
         done = self.finished.get(label.id)
         if done is not None or label.id in self.labels:
             self.counts["duplicate" if done is None or done[0] else "late"] += 1
+        elif label.id in self.predictions and (apart := self._apart(self.predictions[label.id], label)):
+            self.counts[apart] += 1  # its prediction waits on, and expires unlabelled
         elif label.id in self.predictions:
             out.append(self._join(self.predictions.pop(label.id), label))
         elif label.ts + self.window_ms < self.clock:
@@ -168,6 +181,14 @@ class PartitionJoin:
 
     # -- the steps ----------------------------------------------------------------------------------
 
+    def _apart(self, prediction: Logged, label: Label) -> str | None:
+        """Why a prediction and its label are too far apart to join (late, orphaned), or None."""
+        if label.ts > prediction.ts + self.window_ms:
+            return "late"
+        if label.ts < prediction.ts - self.window_ms:
+            return "orphaned"  # a label from before the prediction's window
+        return None
+
     def _join(self, prediction: Logged, label: Label) -> Joined:
         self.counts["joined"] += 1
         self._finish(prediction.id, True, max(prediction.ts, label.ts))
@@ -183,11 +204,16 @@ class PartitionJoin:
             if count:
                 self.counts["evicted"] += 1
 
+    def reached_end(self, side: str, wall_ms: float) -> None:
+        """A side is read to its end: silent for idle_ms from its last record (or from now, if it
+        never sent one), it holds the clock back no longer."""
+        self._heard.setdefault(side, wall_ms)
+        self._at_end[side] = True
+
     def _heard_from(self, side: str, ts: int, wall_ms: float) -> None:
-        if not self._heard:  # a side never heard from holds the clock back for idle_ms, no longer
-            self._heard = {"prediction": wall_ms, "label": wall_ms}
         self.newest[side] = max(self.newest[side], ts)
         self._heard[side] = wall_ms
+        self._at_end[side] = False
         self._idle_from = None
 
     def _event_clock(self, wall_ms: float) -> int:
@@ -196,7 +222,7 @@ class PartitionJoin:
         active = [
             self.newest[side]
             for side in ("prediction", "label")
-            if wall_ms - self._heard.get(side, wall_ms) < self.idle_ms
+            if not self._at_end.get(side) or wall_ms - self._heard[side] < self.idle_ms
         ]
         if active:
             return min(active)

@@ -16,13 +16,16 @@ Flink's watermark alignment do:
 - a partition buffering BUFFER_RECORDS records or BUFFER_BYTES bytes is paused until it is
   drained to half, so memory stays bounded while the others catch up.
 Within a partition, offsets are never reordered: a timestamp that goes backwards counts as its
-predecessor's. `OffsetBatches` (--deterministic) ignores time: a batch is exactly the next
-`batch_size` records of one partition, whatever order messages arrive in.
+predecessor's; equal timestamps of two partitions go in partition order. Without `max_wait_ms`
+(the label join under --deterministic) no partition is ever idle and a record is released only
+once every partition still being read is past its timestamp, so the order is a function of the
+records alone, never of when they arrived. `OffsetBatches` (--deterministic) ignores time: a
+batch is exactly the next `batch_size` records of one partition, whatever order messages arrive in.
 Pure bookkeeping, no Kafka client: the loop pauses and resumes what `flow()` says.
 """
 
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol
@@ -94,7 +97,7 @@ class EventTimeOrder(Generic[M]):
     """Releases taken messages in event-time order across partitions, with bounded buffering."""
 
     def __init__(
-        self, batch_size: int, max_wait_ms: int, clock: Callable[[], float] = time.monotonic
+        self, batch_size: int, max_wait_ms: int | None, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.batch_size = batch_size
         self.max_wait_ms = max_wait_ms
@@ -154,6 +157,10 @@ class EventTimeOrder(Generic[M]):
     def paused_keys(self) -> list[Key]:
         return [key for key, lane in self._lanes.items() if lane.paused]
 
+    def drained(self) -> list[Key]:
+        """Partitions read to their end whose every message was released."""
+        return [key for key, lane in self._lanes.items() if lane.at_end and not lane.messages]
+
     @property
     def buffered(self) -> int:
         return sum(len(lane.messages) for lane in self._lanes.values())
@@ -184,7 +191,8 @@ class EventTimeOrder(Generic[M]):
 
     def _watermark(self) -> float:
         """The event time every partition still being read has reached (+inf: none is read)."""
-        now, idle_s = self.clock(), self.max_wait_ms / 1000
+        now = self.clock()
+        idle_s = float("inf") if self.max_wait_ms is None else self.max_wait_ms / 1000
         waiting = [
             lane.frontier
             for lane in self._lanes.values()
@@ -200,10 +208,14 @@ class EventTimeOrder(Generic[M]):
         a watermark that jumps far (a lagging partition reached its end) never keeps the loop
         from polling and checkpointing."""
         limit, cap = self._watermark(), RELEASE_BATCHES * self.batch_size
+        # strictly before the watermark, when no partition may idle: one still at it may yet
+        # send another record of that timestamp
+        strict = self.max_wait_ms is None and limit != float("inf")
+        upto = bisect_left if strict else bisect_right
         lanes = [
             (lane, count)
-            for lane in self._lanes.values()
-            if (count := min(bisect_right(lane.times, limit), cap))
+            for _, lane in sorted(self._lanes.items())
+            if (count := min(upto(lane.times, limit), cap))
         ]
         self.more_ready = False
         if not lanes:

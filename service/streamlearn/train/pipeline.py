@@ -1,4 +1,4 @@
-"""The trainer's run loop: poll -> take -> order -> decode -> test-then-train -> checkpoint.
+"""The trainer's run loop: poll -> take -> order -> (join) -> decode -> test-then-train -> checkpoint.
 
 Every snapshot records the next offset of each partition it learned from; on assignment the
 loop resumes there, so a restart neither skips nor repeats a record. Invalid records go to the
@@ -12,11 +12,17 @@ learning thread tests and trains on the one before (torch releases the GIL in it
 At most MAX_IN_FLIGHT batches are handed over; a batch counts as learned (its offsets may be
 checkpointed) only once the learning thread is done with it, and every checkpoint, revoke and
 shutdown first waits for the batches in flight.
+
+With --labels-topic the loop reads the prediction log and the labels topic instead of --topic,
+merged in event time, and learns what the label join (labeljoin.py) makes of them. Their offsets
+count as done once joined: the join's state, and the joined records not yet handed over, are in
+the snapshot with them.
 """
 
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,12 +37,13 @@ from streamlearn.config import TrainSettings
 from streamlearn.errors import ConfigError, InvalidReason
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec, RecordDecoder, Rejected, feature_kinds
-from streamlearn.snapshots import Snapshot, open_store
+from streamlearn.snapshots import Snapshot, SnapshotContent, open_store
 from streamlearn.train.checkpoint import Checkpointer, run_bounded
 from streamlearn.train.dlq import DeadLetterQueue, Source, already_dead_lettered
+from streamlearn.train.labeljoin import LabelJoin
 from streamlearn.train.learner import Learner
 from streamlearn.train.order import Batching, EventTimeOrder, OffsetBatches
-from streamlearn.train.partitions import Partitions, position
+from streamlearn.train.partitions import Offsets, Partitions, position
 from streamlearn.train.telemetry import Telemetry
 from streamlearn.train.trainer import pick_device
 
@@ -46,6 +53,7 @@ log = logging.getLogger("streamlearn.train")
 # hit by every record, a failed device): the trainer stops rather than dead-letter the stream.
 MAX_INTERNAL_ERRORS = 1000
 MAX_IN_FLIGHT = 2  # micro-batches handed to the learning thread and not yet learned
+JOIN_STATE = "join.state"  # the label join's state, as JSON bytes, in the snapshot's training file
 
 
 class Pipeline:
@@ -74,19 +82,32 @@ class Pipeline:
         self.decoder = RecordDecoder(labels, features, s.max_record_bytes, kinds)
         self.partitions: Partitions[Message] = Partitions()
         self.order: EventTimeOrder[Message] | None = None
-        if s.deterministic:  # batches defined by offsets, whatever order messages arrive in
-            self.batching: Batching[Message] = OffsetBatches(s.batch_size)
+        self.join: LabelJoin | None = None
+        self.batching: Batching[Message]
+        if s.labels_topic and s.prediction_log_topic:  # the two topics in one event-time order
+            self.join = LabelJoin(
+                s.prediction_log_topic, s.labels_topic, s.model_name, labels, round(s.join_window * 1000),
+                on_missing=s.on_missing_label, max_pending=s.join_max_pending,
+                idle_ms=None if s.deterministic else round(s.join_idle_s * 1000),
+                max_record_bytes=s.max_record_bytes, batch_size=s.batch_size,
+            )  # fmt: skip
+            # --deterministic: no partition idles, so their merge depends on the records alone
+            wait = None if s.deterministic else s.max_order_wait_ms
+            self.batching = self.order = EventTimeOrder(s.batch_size, wait)
+        elif s.deterministic:  # batches defined by offsets, whatever order messages arrive in
+            self.batching = OffsetBatches(s.batch_size)
         else:
             self.batching = self.order = EventTimeOrder(s.batch_size, s.max_order_wait_ms)
         self.telemetry = Telemetry(metrics, s.drift_per_feature)
         self.learner = Learner(s, labels, self.device, self.telemetry)
         self.learning = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learn")
-        self.in_flight: deque[tuple[list[Message], Future[None]]] = deque()
+        # micro-batches handed over: the messages, their learning, whether it moves their offsets
+        self.in_flight: deque[tuple[Sequence[Message], Future[None], bool]] = deque()
         self.waiting = 0  # micro-batches handed over that the learning thread has not started
         self.backlog = False  # whether the last poll came back full
         self.waiting_lock = threading.Lock()
         self.checkpoints = Checkpointer(
-            self.store, s.model_name, metrics, self.partitions, self.learner.content, None,
+            self.store, s.model_name, metrics, self.partitions, self._content, None,
             s.snapshot_interval_s, s.shutdown_timeout_s, settle=self.settle,
         )  # fmt: skip
         self.dlq: DeadLetterQueue | None = None
@@ -115,8 +136,11 @@ class Pipeline:
         how = "at the group's offsets" if s.resume_from == "group" else "at its offsets"
         log.info("resuming %s from snapshot v%d (%d records learned), %s", s.model_name, snapshot.version,
                  self.records_learned, how)  # fmt: skip
-        if s.resume_from == "group":  # keep the weights; positions come from Kafka
+        if s.resume_from == "group":  # keep the weights; positions come from Kafka (and join afresh)
             return snapshot
+        state = snapshot.tensors.get(JOIN_STATE)
+        if self.join is not None and state is not None:
+            self.join.restore(state.numpy().tobytes())
         self.partitions.learned = {
             (topic, partition): offset
             for topic, partitions in snapshot.meta.offsets.items()
@@ -144,15 +168,45 @@ class Pipeline:
             found = already_dead_lettered(s.bootstrap, s.kafka, s.dead_letter_topic, self.dlq_marks)
             learned = self.partitions.learned
             self.skip_dead_letters = {src for src in found if src[2] >= learned.get((src[0], src[1]), 0)}
+        topics = [s.topic] if self.join is None else self._join_topics()
         consumer = kafka.make_consumer(
             s.bootstrap, s.kafka, s.group, s.start_offset, s.session_timeout_ms, s.group_instance_id,
             on_error=self.telemetry.kafka_error, on_commit=self.telemetry.committed,
             report_end=True,  # a partition at its end holds nobody back in event time
+            # joining: partition p of both topics to the same trainer
+            assignor="cooperative-sticky" if self.join is None else "range",
         )  # fmt: skip
         consumer.subscribe(
-            [s.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
         return consumer
+
+    def _join_topics(self) -> list[str]:
+        """The prediction log and the labels topic, created if missing, with as many partitions."""
+        s = self.settings
+        assert s.prediction_log_topic is not None and s.labels_topic is not None
+        topics = [s.prediction_log_topic, s.labels_topic]
+        counts = kafka.partition_counts(s.bootstrap, s.kafka, topics, s.connect_timeout_s)
+        known = {count for count in counts.values() if count is not None}
+        if len(known) > 1:
+            raise ConfigError(
+                f"--prediction-log-topic {topics[0]} has {counts[topics[0]]} partitions and --labels-topic "
+                f"{topics[1]} has {counts[topics[1]]}: the join needs as many on both (an id's "
+                "prediction and label must be in the same partition)"
+            )
+        for topic in topics:
+            if counts[topic] is None:
+                kafka.ensure_topic(s.bootstrap, s.kafka, topic, partitions=min(known, default=1))
+        return topics
+
+    def _content(self, offsets: Offsets) -> tuple[dict[str, torch.Tensor], SnapshotContent]:
+        """What a checkpoint holds: the learner's state, and the label join's (taken on this thread,
+        after the learning in flight settled, so it agrees with the offsets and the weights)."""
+        tensors, content = self.learner.content(offsets)
+        if self.join is None:
+            return tensors, content
+        state = torch.frombuffer(bytearray(self.join.state()), dtype=torch.uint8)
+        return {**tensors, JOIN_STATE: state}, content.model_copy(update={"join": self.join.summary()})
 
     def _announce(self, snapshot: Snapshot) -> None:
         """Tell the servers, on the writer thread, the moment a snapshot is published."""
@@ -219,7 +273,12 @@ class Pipeline:
         self.metrics.records_consumed.inc(len(taken))
         self.backlog = backlog = len(messages) >= self.settings.batch_size  # more is waiting in Kafka
         for batch in self.batching.batches(taken, backlog):
-            self._hand_over(batch)
+            if self.join is None:
+                self._hand_over(batch)
+            else:
+                self._join_in(batch)
+        if self.join is not None:
+            self._join_out(whole=backlog or self.settings.deterministic)
         self._collect(keep=MAX_IN_FLIGHT)
         if self.order is not None and self.consumer is not None:
             self._flow(self.consumer, self.order)
@@ -228,8 +287,30 @@ class Pipeline:
         """Wait until every micro-batch handed over is learned: its offsets may then be checkpointed."""
         self._collect(keep=0)
 
-    def _hand_over(self, messages: list[Message]) -> None:
-        """Decode a micro-batch here and have the learning thread learn it."""
+    def _join_in(self, messages: list[Message]) -> None:
+        """Join a micro-batch of either topic; its offsets are done once joined (or refused)."""
+        assert self.join is not None
+        for message, rejected in self.join.feed(messages, _wall_ms()):
+            self._reject(message, rejected)  # type: ignore[arg-type]
+        self.partitions.learned_through(messages)
+        self.checkpoints.dirty = True
+
+    def _join_out(self, whole: bool) -> None:
+        """Hand over what the join made ready (partial micro-batches too, unless `whole`)."""
+        assert self.join is not None and self.order is not None
+        now = _wall_ms()
+        for key in self.order.drained():  # read to its end, and all of it joined
+            self.join.reached_end(key, now)
+        if self.join.tick(now):
+            self.checkpoints.dirty = True
+        for records in self.join.batches(whole):
+            self._hand_over(records, offsets=False)  # type: ignore[arg-type]
+            self.checkpoints.dirty = True
+        self.telemetry.join(self.join)
+
+    def _hand_over(self, messages: Sequence[Message], offsets: bool = True) -> None:
+        """Decode a micro-batch here and have the learning thread learn it; once learned, its
+        `offsets` count as done (joined records: their offsets were done once joined)."""
         if not self.decoder.fixed:  # the first valid record fixes the decoder: one at a time till then
             self.settle()
         try:
@@ -239,7 +320,8 @@ class Pipeline:
         self._collect(keep=MAX_IN_FLIGHT - 1)
         with self.waiting_lock:
             self.waiting += 1
-        self.in_flight.append((messages, self.learning.submit(self._learn_handed, messages, decoded)))
+        future = self.learning.submit(self._learn_handed, messages, decoded)
+        self.in_flight.append((messages, future, offsets))
 
     def _collect(self, keep: int) -> None:
         """Account for learned batches, oldest first, until at most `keep` are in flight.
@@ -249,7 +331,7 @@ class Pipeline:
         hold batches after it), so a restart resumes at the newest snapshot's offsets.
         """
         while self.in_flight and (len(self.in_flight) > keep or self.in_flight[0][1].done()):
-            messages, future = self.in_flight.popleft()
+            messages, future, offsets = self.in_flight.popleft()
             if self.checkpoints.halted:
                 if future.cancel():  # never to start: no longer waiting
                     with self.waiting_lock:
@@ -260,8 +342,9 @@ class Pipeline:
             except BaseException:
                 self.checkpoints.halted = True
                 raise
-            self.partitions.learned_through(messages)
-            self.checkpoints.dirty = True
+            if offsets:
+                self.partitions.learned_through(messages)
+                self.checkpoints.dirty = True
 
     def _flow(self, consumer: Consumer, order: "EventTimeOrder[Message]") -> None:
         """Pause partitions that ran ahead in event time; resume them once the others caught up."""
@@ -314,9 +397,13 @@ class Pipeline:
             rejected, learned = [], 0  # any record may be the one
         # valid records are learned in message order: `cut` is the message of the first one not learned
         every = learned == len(messages) - len(rejected)
-        cut = len(messages) if every else _message_of_row(len(messages), {r.index for r in rejected}, learned)
+        refused = {r.index for r in rejected}
+        cut = len(messages) if every else _message_of_row(len(messages), refused, learned)
         if cut == len(messages):
             self.internal_errors = 0
+        if self.join is not None:
+            done = [m for i, m in enumerate(messages[:cut]) if i not in refused]
+            self.join.learned_records(done)  # type: ignore[arg-type]
         for r in rejected:  # sent once the records before them went through, so never twice
             if r.index < cut:
                 self._reject(messages[r.index], r)
@@ -364,7 +451,10 @@ class Pipeline:
                 tp.offset = start
         if self.order is not None:
             self.order.assigned((tp.topic, tp.partition) for tp in partitions)
-        consumer.incremental_assign(partitions)
+        if self.join is None:
+            consumer.incremental_assign(partitions)
+        else:  # the range assignor is eager: each assignment is the whole of it
+            consumer.assign(partitions)
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -391,7 +481,10 @@ class Pipeline:
         self.batching.release(keys)
         for tp in partitions:
             self.telemetry.released(tp.partition)
-        consumer.incremental_unassign(partitions)
+        if self.join is None:
+            consumer.incremental_unassign(partitions)
+        else:  # eager: all of them are revoked
+            consumer.unassign()
 
 
 def _cores() -> int:
@@ -410,6 +503,10 @@ def _message_of_row(n_messages: int, rejected: set[int], row: int) -> int:
             return index
         seen += 1
     return n_messages
+
+
+def _wall_ms() -> float:
+    return time.monotonic() * 1000
 
 
 def _end_of(event: Message) -> tuple[tuple[str, int], int]:

@@ -5,6 +5,7 @@ or an outage writes one line per reason every few seconds, with a count of the o
 """
 
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -14,6 +15,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.train.drift import DriftReport
+from streamlearn.train.labeljoin import LabelJoin, Served
 from streamlearn.train.order import EventTimeOrder
 from streamlearn.train.partitions import Partitions
 from streamlearn.train.trainer import WINDOWS, Trainer
@@ -54,6 +56,7 @@ class Telemetry:
         self.drift_per_feature = drift_per_feature
         self.limited = RateLimitedLog()
         self._rate_mark = (time.monotonic(), 0)
+        self._served: dict[int, Served] = {}  # the served scores exported, per version
 
     def scores(self, trainer: Trainer) -> None:
         scores, m = trainer.scores, self.metrics
@@ -112,13 +115,44 @@ class Telemetry:
             positions = consumer.position(consumer.assignment())
         except KafkaException:
             return
+        lag: dict[int, int] = {}  # joining, a partition's lag is that of both topics
         for tp in positions:
             _low, high = consumer.get_watermark_offsets(tp, cached=True)
             # Before its first message librdkafka reports no position: a partition resumed at its
             # end has none at all, yet its lag is known (0), from where we resumed it.
             offset = partitions.known_position((tp.topic, tp.partition), tp.offset)
             if offset >= 0 and high >= 0:
-                self.metrics.consumer_lag.labels(str(tp.partition)).set(max(high - offset, 0))
+                lag[tp.partition] = lag.get(tp.partition, 0) + max(high - offset, 0)
+        for partition, records in lag.items():
+            self.metrics.consumer_lag.labels(str(partition)).set(records)
+
+    def join(self, join: "LabelJoin") -> None:
+        """The label join's outcomes, pending entries, coverage, label delays and served scores."""
+        m = self.metrics
+        for outcome, count in join.outcomes().items():
+            m.join_outcomes.labels(outcome).inc(count)
+        for side, count in join.pending().items():
+            m.join_pending.labels(side).set(count)
+        if join.coverage is not None:
+            m.join_coverage.set(join.coverage)
+        for delay in join.delays_s:
+            m.label_delay.observe(delay)
+        join.delays_s.clear()
+        for version, scores in join.scores.items():
+            done = self._served.get(version)
+            label = str(version)
+            m.served_labelled.labels(label).inc(scores.labelled - (done.labelled if done else 0))
+            if join.labels.task == "regression":
+                error = scores.squared_error - (done.squared_error if done else 0.0)
+                m.served_squared_error.labels(label).inc(max(error, 0.0))
+            else:
+                m.served_correct.labels(label).inc(scores.correct - (done.correct if done else 0))
+            self._served[version] = dataclasses.replace(scores)
+        for version in set(self._served) - set(join.scores):  # no longer among the newest scored
+            del self._served[version]
+            for metric in (m.served_labelled, m.served_correct, m.served_squared_error):
+                with contextlib.suppress(KeyError):
+                    metric.remove(str(version))
 
     def released(self, partition: int) -> None:
         with contextlib.suppress(KeyError):
