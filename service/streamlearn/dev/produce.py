@@ -1,4 +1,5 @@
-"""Publishing a synthetic stream to Kafka at a steady rate (`streamlearn produce`)."""
+"""Publishing a synthetic stream to Kafka at a steady rate (`streamlearn produce`), or, with
+--predict-url, playing a client whose labels come later (client.py)."""
 
 import logging
 import time
@@ -9,6 +10,7 @@ from confluent_kafka import KafkaError, Message
 
 from streamlearn import kafka
 from streamlearn.config import ProduceSettings
+from streamlearn.dev.client import play
 from streamlearn.dev.streams import INVALID_VALUES, records
 from streamlearn.errors import KafkaOperationError
 
@@ -16,7 +18,12 @@ log = logging.getLogger(__name__)
 
 
 def publish(settings: ProduceSettings, stopped: Callable[[], bool] = lambda: False) -> int:
-    """Publish until --count records are delivered or `stopped()`; return how many were sent."""
+    """Publish until --count records are delivered or `stopped()`; return how many were sent.
+
+    With --predict-url, play a client instead: return how many labels it published.
+    """
+    if settings.predict_url:
+        return play(settings, stopped).labels_published
     kafka.check_reachable(settings.bootstrap, settings.kafka, settings.connect_timeout_s)
     producer = kafka.make_producer(settings.bootstrap, settings.kafka)
     failures: list[str] = []
