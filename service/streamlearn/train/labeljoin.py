@@ -341,12 +341,19 @@ class LabelJoin:
         model = entry.get("model")
         if model is not None and model != self.model_name:
             return None
-        if entry.get("features") is None:
+        features = entry.get("features")
+        if features is None:
             raise InvalidRecord(InvalidReason.MISSING_FEATURES, "the logged prediction has no features")
+        if not _encodable(features):  # it is kept in snapshots and sent on as a record: as JSON
+            detail = "features hold an integer beyond 64 bits or nest too deep"
+            raise InvalidRecord(InvalidReason.BAD_FEATURES, detail)
         version = entry.get("version", 0)
         if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < MAX_TS:
             raise InvalidRecord(InvalidReason.BAD_JOIN_FIELD, "version must be a non-negative integer")
-        return Logged(key, ts, entry["features"], version, entry.get("prediction"), offset=offset)
+        prediction = entry.get("prediction")
+        if not _encodable(prediction):
+            prediction = None  # not scored, the entry still learned
+        return Logged(key, ts, features, version, prediction, offset=offset)
 
     def _label(self, value: bytes | None) -> Label:
         entry = parse_json(value, self.max_record_bytes)
@@ -362,6 +369,16 @@ class LabelJoin:
         ):
             raise InvalidRecord(InvalidReason.BAD_WEIGHT, "weight must be a finite number >= 0 (float32)")
         return Label(key, ts, label, float(weight))
+
+
+def _encodable(value: Any) -> bool:
+    """Whether orjson can write a value read back from JSON (the lenient reader takes integers
+    beyond 64 bits and deeper nesting than orjson writes)."""
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return False
+    return True
 
 
 def _id(entry: dict[str, Any]) -> str:
