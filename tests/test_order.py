@@ -224,3 +224,16 @@ def test_an_unfinished_deterministic_batch_of_a_revoked_partition_is_dropped_not
     batches = batching.batches(lane(0, [0] * 4))
 
     assert [[m.offset_ for m in b] for b in batches] == [[0, 1, 2, 3]]
+
+
+def test_without_idling_the_partition_at_the_watermark_is_never_left_paused():
+    """Strict release holds back records at the watermark: pausing their partition for buffering
+    too much would stop everything for good."""
+    order: EventTimeOrder[Msg] = EventTimeOrder(batch_size=2, max_wait_ms=None)
+    order.assigned([("events", 0), ("events", 1)])
+    many = [Msg(0, i, 100) for i in range(order.buffer_records + 1)]  # all at one timestamp
+    assert order.batches([*many, Msg(1, 0, 500)]) == []  # partition 0 may still send more at 100
+    pause, _ = order.flow()
+    assert pause == []  # partition 1 waits for partition 0's next timestamp: it must keep coming
+    order.batches([Msg(0, len(many), 200)])
+    assert order.flow() == ([], [])

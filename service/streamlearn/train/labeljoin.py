@@ -336,7 +336,7 @@ class LabelJoin:
 
     def _logged(self, value: bytes | None, offset: int) -> Logged | None:
         """A prediction-log entry, or None when it was logged for another model."""
-        entry = parse_json(value, self.max_record_bytes)
+        entry = _parsed(value, self.max_record_bytes)
         key, ts = _id(entry), _ts(entry)
         model = entry.get("model")
         if model is not None and model != self.model_name:
@@ -344,19 +344,13 @@ class LabelJoin:
         features = entry.get("features")
         if features is None:
             raise InvalidRecord(InvalidReason.MISSING_FEATURES, "the logged prediction has no features")
-        if not _encodable(features):  # it is kept in snapshots and sent on as a record: as JSON
-            detail = "features hold an integer beyond 64 bits or nest too deep"
-            raise InvalidRecord(InvalidReason.BAD_FEATURES, detail)
         version = entry.get("version", 0)
         if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < MAX_TS:
             raise InvalidRecord(InvalidReason.BAD_JOIN_FIELD, "version must be a non-negative integer")
-        prediction = entry.get("prediction")
-        if not _encodable(prediction):
-            prediction = None  # not scored, the entry still learned
-        return Logged(key, ts, features, version, prediction, offset=offset)
+        return Logged(key, ts, features, version, entry.get("prediction"), offset=offset)
 
     def _label(self, value: bytes | None) -> Label:
-        entry = parse_json(value, self.max_record_bytes)
+        entry = _parsed(value, self.max_record_bytes)
         key, ts = _id(entry), _ts(entry)
         label = entry.get("label")
         self.labels.value(label)  # refused here, with its reason, rather than once joined
@@ -371,14 +365,17 @@ class LabelJoin:
         return Label(key, ts, label, float(weight))
 
 
-def _encodable(value: Any) -> bool:
-    """Whether orjson can write a value read back from JSON (the lenient reader takes integers
-    beyond 64 bits and deeper nesting than orjson writes)."""
+def _parsed(value: bytes | None, max_bytes: int) -> dict[str, Any]:
+    """A message value as a JSON object that can be written back as JSON: what the join keeps is
+    written into snapshots, records and dead letters, and the lenient reader takes what orjson
+    does not write (integers beyond 64 bits, lone surrogates, nesting deeper than 254)."""
+    entry = parse_json(value, max_bytes)
     try:
-        orjson.dumps(value)
-    except orjson.JSONEncodeError:
-        return False
-    return True
+        orjson.dumps(entry)
+    except (orjson.JSONEncodeError, RecursionError):
+        detail = "value holds an integer beyond 64 bits, a lone surrogate or too deep a nesting"
+        raise InvalidRecord(InvalidReason.BAD_JSON, detail) from None
+    return entry
 
 
 def _id(entry: dict[str, Any]) -> str:

@@ -140,8 +140,16 @@ class EventTimeOrder(Generic[M]):
     def flow(self) -> tuple[list[Key], list[Key]]:
         """Partitions to pause (buffering too much) and to resume (drained to half)."""
         pause, resume = [], []
+        # without idling, the partition at the watermark must keep coming: paused, it would
+        # never release (its records are not before the watermark) and never resume
+        held_back = self._watermark() if self.max_wait_ms is None else NEVER
         for key, lane in self._lanes.items():
             records, size = len(lane.messages), lane.bytes
+            if lane.frontier <= held_back:
+                if lane.paused:
+                    lane.paused, lane.heard = False, self.clock()
+                    resume.append(key)
+                continue
             if not lane.paused and (records >= self.buffer_records or size >= BUFFER_BYTES):
                 lane.paused = True
                 pause.append(key)

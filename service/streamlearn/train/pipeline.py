@@ -168,6 +168,8 @@ class Pipeline:
             found = already_dead_lettered(s.bootstrap, s.kafka, s.dead_letter_topic, self.dlq_marks)
             learned = self.partitions.learned
             self.skip_dead_letters = {src for src in found if src[2] >= learned.get((src[0], src[1]), 0)}
+            if self.join is not None:  # a joined record's source may lie before the offsets: its
+                self.skip_dead_letters = set(found)  # entry was joined before the snapshot, itself not
         topics = [s.topic] if self.join is None else self._join_topics()
         consumer = kafka.make_consumer(
             s.bootstrap, s.kafka, s.group, s.start_offset, s.session_timeout_ms, s.group_instance_id,
