@@ -77,7 +77,13 @@ class LocalSnapshotStore(SnapshotStore):
             if version not in kept:
                 shutil.rmtree(model_dir / version_name(version), ignore_errors=True)
         for entry in os.scandir(model_dir):
-            if entry.name.startswith(".tmp-") and time.time() - entry.stat().st_mtime > STALE_TMP_S:
+            if not entry.name.startswith(".tmp-"):
+                continue
+            try:
+                age = time.time() - entry.stat().st_mtime
+            except FileNotFoundError:  # a concurrent writer just published (renamed) or removed it
+                continue
+            if age > STALE_TMP_S:
                 shutil.rmtree(entry.path, ignore_errors=True)
 
     def _weights_name(self) -> str:
