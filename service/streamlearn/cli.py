@@ -76,18 +76,21 @@ def run_train(settings: TrainSettings) -> int:
     from streamlearn.dev.broker import ensure_port_free
     from streamlearn.metrics import TrainerMetrics
     from streamlearn.snapshots import open_store
+    from streamlearn.train.lockstep import World
     from streamlearn.train.pipeline import Pipeline
 
     stop = _stop_event()  # first: a signal during start-up ends the trainer cleanly too
     open_store(settings.snapshot_dir).ensure_writable()
-    if settings.metrics_port:
-        ensure_port_free(settings.metrics_host, settings.metrics_port, "trainer metrics")
+    rank = World.from_env().rank  # under torchrun each rank serves its metrics on the port + its rank
+    port = settings.metrics_port + rank if settings.metrics_port else 0
+    if port:
+        ensure_port_free(settings.metrics_host, port, "trainer metrics")
     kafka.check_reachable(settings.bootstrap, settings.kafka, settings.connect_timeout_s)
     registry = CollectorRegistry()
     pipeline = Pipeline(settings, TrainerMetrics(registry))
     pipeline.restore()
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, settings.metrics_host, registry)
+    if port:
+        start_http_server(port, settings.metrics_host, registry)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, pipeline.stop)
     if stop.is_set():

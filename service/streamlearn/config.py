@@ -443,6 +443,13 @@ class TrainSettings(
         gt=0,
         description="Longest a clean shutdown waits for the broker before giving up on the commit.",
     )
+    collective_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        description="Under torchrun with many ranks: longest a rank waits for the others in a step or a "
+        "snapshot before it exits, so torchrun restarts the group from the newest snapshot.",
+    )
 
     on_drift: Literal["none", "boost-lr", "reset-optimizer", "reset-model"] = Field(
         "boost-lr", description="What to do when concept drift is detected (see README, Drift)."

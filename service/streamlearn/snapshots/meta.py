@@ -36,6 +36,7 @@ class SnapshotContent(BaseModel):
     dlq: DeadLetterMarks | None = None
     origin: dict[str, Any] | None = None  # the model a warm start began from (--init-from)
     join: dict[str, Any] | None = None  # the label join's counts, coverage and served scores
+    world: dict[str, Any] | None = None  # many ranks: their number, and the digest of their weights
     config: dict[str, Any] = Field(default_factory=dict)  # the trainer's settings, credentials excluded
 
 

@@ -130,7 +130,7 @@ class Checkpointer:
             )
         # Nothing new: the newest snapshot holds these offsets; make sure Kafka has them too (an
         # earlier asynchronous commit may still be on its way, or may have failed).
-        self._commit_offsets(consumer, self.partitions.to_commit(revoking), asynchronous=False)
+        self.commit_offsets(consumer, self.partitions.to_commit(revoking), asynchronous=False)
         return True
 
     def close(self) -> None:
@@ -192,10 +192,10 @@ class Checkpointer:
         self.last_written = snapshot.meta.created_at_ms / 1000
         crash_point("commit.before")
         offsets = {k: o for k, o in pending.offsets.items() if k in self.partitions.to_commit(revoking)}
-        self._commit_offsets(consumer, offsets, asynchronous=not wait)
+        self.commit_offsets(consumer, offsets, asynchronous=not wait)
         return True
 
-    def _commit_offsets(self, consumer: Consumer | None, offsets: Offsets, asynchronous: bool) -> bool:
+    def commit_offsets(self, consumer: Consumer | None, offsets: Offsets, asynchronous: bool) -> bool:
         """Commit the offsets of partitions we still own; a synchronous commit says whether it succeeded."""
         owned = self.partitions.owned
         offsets = {key: offset for key, offset in offsets.items() if key in owned}

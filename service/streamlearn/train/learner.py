@@ -19,6 +19,7 @@ from streamlearn.records import DecodedBatch, FeatureKinds, FeatureSpec, LabelSp
 from streamlearn.snapshots import Snapshot, SnapshotContent
 from streamlearn.train.checkpoint import snapshot_content
 from streamlearn.train.drift import DriftMonitor
+from streamlearn.train.lockstep import Reducer
 from streamlearn.train.losses import Loss, LossSettings
 from streamlearn.train.optim import OptimizerSettings, Schedule, make_optimizer
 from streamlearn.train.partitions import Offsets
@@ -53,12 +54,18 @@ class Learner:
     """One model, its optimizer and its drift detectors, learning decoded micro-batches."""
 
     def __init__(
-        self, settings: TrainSettings, labels: LabelSpec, device: torch.device, telemetry: Telemetry
+        self,
+        settings: TrainSettings,
+        labels: LabelSpec,
+        device: torch.device,
+        telemetry: Telemetry,
+        reducer: Reducer | None = None,
     ) -> None:
         self.settings = settings
         self.labels = labels
         self.device = device
         self.telemetry = telemetry
+        self.reducer = reducer  # many ranks: the optimizer steps are split over them
         self.trainer: Trainer | None = None  # built once the feature vector is known
         self.drift: DriftMonitor | None = None
         self.events: list[dict[str, Any]] = []  # the newest drift detections, kept in snapshots
@@ -181,6 +188,7 @@ class Learner:
             sub_batch=s.sub_batch_size,
             l1=s.l1,
             replay=Reservoir(s.replay_records, s.replay_ratio, s.seed) if s.replay_records else None,
+            reducer=self.reducer,
         )
         features = spec.features
         names = list(features.names) or [f"f{i}" for i in range(features.n_features)]

@@ -70,6 +70,63 @@ class OffsetBatches(Generic[M]):
             self._buffers.pop(key, None)
 
 
+class PartitionRounds(Generic[M]):
+    """--deterministic with many ranks: round k of a rank holds the k-th `batch_size` records of
+    each partition it owns, in partition order, so a round is a function of the records alone.
+
+    A rank can take part in a round once each of its partitions has that round's records, or has
+    been read to its end (a partition at its end never holds a round back: it adds nothing).
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self._buffers: dict[Key, list[M]] = {}
+        self._ends: dict[Key, int] = {}  # where each partition's end was reported
+        self._next: dict[Key, int] = {}  # the offset after the last record taken
+
+    def assigned(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            self._buffers.setdefault(key, [])
+
+    def batches(self, taken: Sequence[M], backlog: bool = False) -> list[list[M]]:
+        """Buffer the taken messages; rounds are taken with take(), never as loose batches."""
+        for message in taken:
+            topic, partition, offset = position(message)
+            self._buffers.setdefault((topic, partition), []).append(message)
+            self._next[(topic, partition)] = offset + 1
+        return []
+
+    def reached_end(self, key: Key, offset: int) -> None:
+        self._ends[key] = offset
+
+    def ready(self) -> tuple[int, int | None]:
+        """The rounds this rank has records for, and those it can take part in before it must wait
+        for more records (None: every partition is at its end, it never holds a round back)."""
+        full = {key: len(buffer) // self.batch_size for key, buffer in self._buffers.items()}
+        reading = [n for key, n in full.items() if not self._at_end(key)]
+        return max(full.values(), default=0), min(reading) if reading else None
+
+    def take(self) -> list[M]:
+        """The next round's records: the next `batch_size` of each partition that has them."""
+        records: list[M] = []
+        for key in sorted(self._buffers):
+            buffer = self._buffers[key]
+            if len(buffer) >= self.batch_size:
+                records += buffer[: self.batch_size]
+                del buffer[: self.batch_size]
+        return records
+
+    def release(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            self._buffers.pop(key, None)
+
+    def _at_end(self, key: Key) -> bool:
+        end = self._ends.get(key)
+        return (
+            end is not None and self._next.get(key, end) >= end and len(self._buffers[key]) < self.batch_size
+        )
+
+
 class Timestamped(Consumed, Protocol):
     def timestamp(self) -> tuple[int, int]: ...
 

@@ -13,6 +13,10 @@ At most MAX_IN_FLIGHT batches are handed over; a batch counts as learned (its of
 checkpointed) only once the learning thread is done with it, and every checkpoint, revoke and
 shutdown first waits for the batches in flight.
 
+Launched by torchrun with more than one rank, the loop runs in lockstep with the other ranks
+(lockstep.py): static partition ownership, rounds that learn a global micro-batch, snapshots
+aligned at a round boundary; learning then happens on this thread, as collectives must.
+
 With --labels-topic the loop reads the prediction log and the labels topic instead of --topic,
 merged in event time, and learns what the label join (labeljoin.py) makes of them. Their offsets
 count as done once joined: the join's state, and the joined records not yet handed over, are in
@@ -30,19 +34,22 @@ from typing import Any
 
 import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import CollectorRegistry
 
 from streamlearn import kafka
 from streamlearn.announcements import COMPACTED, Announcement, Announcer
 from streamlearn.config import TrainSettings
-from streamlearn.errors import ConfigError, InvalidReason
+from streamlearn.errors import ConfigError, InvalidReason, SnapshotError
+from streamlearn.faults import crash_point
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec, RecordDecoder, Rejected, feature_kinds
-from streamlearn.snapshots import Snapshot, SnapshotContent, open_store
+from streamlearn.snapshots import DeadLetterMarks, Snapshot, SnapshotContent, open_store
 from streamlearn.train.checkpoint import Checkpointer, run_bounded
 from streamlearn.train.dlq import DeadLetterQueue, Source, already_dead_lettered
 from streamlearn.train.labeljoin import LabelJoin
 from streamlearn.train.learner import Learner
-from streamlearn.train.order import Batching, EventTimeOrder, OffsetBatches
+from streamlearn.train.lockstep import Agreement, Lockstep, Shared, World, digest
+from streamlearn.train.order import Batching, EventTimeOrder, OffsetBatches, PartitionRounds
 from streamlearn.train.partitions import Offsets, Partitions, position
 from streamlearn.train.telemetry import Telemetry
 from streamlearn.train.trainer import pick_device
@@ -64,10 +71,18 @@ class Pipeline:
         self.metrics = metrics
         self.running = True
         self.device = pick_device(s.device)  # --device cuda without one: ConfigError
+        self.world = world = World.from_env()
+        if world.size > 1 and s.labels_topic:
+            raise ConfigError("--labels-topic learns in one process: run the label join with one rank")
         if s.deterministic:
             torch.use_deterministic_algorithms(True)
         if self.device.type == "cpu":  # one core stays with the loop that polls and decodes
-            torch.set_num_threads(max(1, _cores() - 1))
+            cores = _cores()
+            torch.set_num_threads(max(1, cores - 1 if world.size == 1 else cores // world.local_size))
+        # many ranks: collectives from the first; the model-level metrics are rank 0's to export
+        self.lockstep = Lockstep(world, s.collective_timeout_s, self.device) if world.size > 1 else None
+        self.agreed = Agreement(0, False, False, False)
+        self.shares: deque[list[Message]] = deque()  # this rank's batches not yet learned in a round
         self.store = open_store(s.snapshot_dir, s.keep_snapshots)
         labels = LabelSpec.create(s.task, s.classes, s.num_classes)
         kinds = feature_kinds(s)
@@ -94,12 +109,20 @@ class Pipeline:
             # --deterministic: no partition idles, so their merge depends on the records alone
             wait = None if s.deterministic else s.max_order_wait_ms
             self.batching = self.order = EventTimeOrder(s.batch_size, wait)
+        elif s.deterministic and world.size > 1:  # rounds defined by offsets, on every rank
+            self.batching = PartitionRounds(s.batch_size)
         elif s.deterministic:  # batches defined by offsets, whatever order messages arrive in
             self.batching = OffsetBatches(s.batch_size)
         else:
             self.batching = self.order = EventTimeOrder(s.batch_size, s.max_order_wait_ms)
         self.telemetry = Telemetry(metrics, s.drift_per_feature)
-        self.learner = Learner(s, labels, self.device, self.telemetry)
+        # Every rank learns the same global batches: only rank 0 exports what the model does, so
+        # a sum over the ranks counts each record once.
+        learning = self.telemetry
+        if world.rank > 0:
+            learning = Telemetry(TrainerMetrics(CollectorRegistry()), s.drift_per_feature)
+        reducer = self.lockstep.reducer if self.lockstep is not None else None
+        self.learner = Learner(s, labels, self.device, learning, reducer)
         self.learning = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learn")
         # micro-batches handed over: the messages, their learning, whether it moves their offsets
         self.in_flight: deque[tuple[Sequence[Message], Future[None], bool]] = deque()
@@ -126,7 +149,7 @@ class Pipeline:
     def restore(self) -> Snapshot | None:
         """Resume from the newest valid snapshot of this model, if any."""
         s = self.settings
-        snapshot = self.store.load_latest(s.model_name)
+        snapshot = self._newest()
         if snapshot is None:
             return None
         features = self.learner.restore(snapshot, self.decoder.features)
@@ -151,6 +174,17 @@ class Pipeline:
             self.dlq_marks = dict(dlq.marks)
         return snapshot
 
+    def _newest(self) -> Snapshot | None:
+        """The newest valid snapshot; with many ranks, the one rank 0 found, on every rank."""
+        lockstep = self.lockstep
+        if lockstep is None:
+            return self.store.load_latest(self.settings.model_name)
+        newest = self.store.load_latest(self.settings.model_name) if lockstep.rank == 0 else None
+        version = lockstep.broadcast_json(newest.version if newest is not None else 0)
+        if lockstep.rank == 0 or not version:
+            return newest
+        return self.store.load(self.settings.model_name, version)
+
     def _connect(self) -> Consumer:
         """Create the Kafka clients: the announcer and the dead-letter producer, then the consumer."""
         s = self.settings
@@ -171,6 +205,7 @@ class Pipeline:
             if self.join is not None:  # a joined record's source may lie before the offsets: its
                 self.skip_dead_letters = set(found)  # entry was joined before the snapshot, itself not
         topics = [s.topic] if self.join is None else self._join_topics()
+        owned = self._owned() if self.lockstep is not None else []
         consumer = kafka.make_consumer(
             s.bootstrap, s.kafka, s.group, s.start_offset, s.session_timeout_ms, s.group_instance_id,
             on_error=self.telemetry.kafka_error, on_commit=self.telemetry.committed,
@@ -178,10 +213,34 @@ class Pipeline:
             # joining: partition p of both topics to the same trainer
             assignor="cooperative-sticky" if self.join is None else "range",
         )  # fmt: skip
+        if self.lockstep is not None:  # static ownership: no rebalance moves a partition mid-round
+            self._on_assign(consumer, [TopicPartition(s.topic, p) for p in owned])
+            return consumer
         consumer.subscribe(
             topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
         return consumer
+
+    def _owned(self) -> list[int]:
+        """The topic's partitions this rank reads (p mod ranks == rank); too few is an error."""
+        s, world = self.settings, self.world
+        count = kafka.partition_counts(s.bootstrap, s.kafka, [s.topic], s.connect_timeout_s)[s.topic]
+        if count is None:
+            raise ConfigError(
+                f"--topic {s.topic} does not exist: with {world.size} ranks, create it with a multiple "
+                f"of {world.size} partitions first"
+            )
+        if count < world.size:
+            raise ConfigError(
+                f"--topic {s.topic} has {count} partitions, fewer than the {world.size} ranks: every rank "
+                "must own one (add partitions, or run fewer ranks)"
+            )
+        if count % world.size and world.rank == 0:
+            log.warning(
+                "--topic %s has %d partitions for %d ranks: some ranks read more of them than others",
+                s.topic, count, world.size,
+            )  # fmt: skip
+        return world.owned(count)
 
     def _join_topics(self) -> list[str]:
         """The prediction log and the labels topic, created if missing, with as many partitions."""
@@ -228,13 +287,17 @@ class Pipeline:
         s = self.settings
         self.consumer = consumer = self._connect()
         log.info("training %s on %s from %s (device %s)", s.model_name, s.topic, s.bootstrap, self.device)
+        rate = self.records_learned if self.world.rank == 0 else 0
         try:
-            while self.running:
+            while self.running if self.lockstep is None else not self.agreed.stop:
                 more = self.order is not None and self.order.more_ready  # learn those before waiting
+                more = more or self.agreed.rounds > 0 or self.agreed.pressed  # another rank is busy
                 messages = consumer.consume(s.batch_size, timeout=0 if more else s.max_batch_wait_ms / 1000)
                 self.process(messages)
-                self.checkpoints.commit(consumer)  # commits a written snapshot; starts one when due
-                self.telemetry.tick(self.records_learned, consumer, self.partitions, self.order)
+                if self.lockstep is None:
+                    self.checkpoints.commit(consumer)  # commits a written snapshot; starts one when due
+                rate = self.records_learned if self.world.rank == 0 else 0
+                self.telemetry.tick(rate, consumer, self.partitions, self.order)
         finally:
             self.shutdown()
 
@@ -247,7 +310,8 @@ class Pipeline:
         consumer, timeout = self.consumer, self.settings.shutdown_timeout_s
         if consumer is None:
             return
-        run_bounded(lambda: self.checkpoints.commit(consumer, force=True), timeout, "final checkpoint")
+        if self.lockstep is None:  # many ranks: the final checkpoint was the last round's
+            run_bounded(lambda: self.checkpoints.commit(consumer, force=True), timeout, "final checkpoint")
         self.learning.shutdown(wait=False, cancel_futures=True)
         # Leaving the group revokes our partitions (static members keep theirs).
         run_bounded(consumer.close, timeout, "leaving the consumer group")
@@ -257,6 +321,8 @@ class Pipeline:
             self.announcer.close(timeout_s=1.0)
         if self.dlq is not None:
             self.dlq.close(timeout_s=1.0)
+        if self.lockstep is not None:
+            self.lockstep.close()
         log.info("stopped after %d records learned", self.records_learned)
 
     def process(self, messages: Sequence[Message]) -> None:
@@ -267,18 +333,22 @@ class Pipeline:
             if error is None:
                 readable.append(message)
             elif error.code() == KafkaError._PARTITION_EOF:
-                if self.order is not None:  # reported whether its last messages were seen or not
-                    self.order.reached_end(*_end_of(message))
+                if isinstance(self.batching, EventTimeOrder | PartitionRounds):  # seen or not, its last
+                    self.batching.reached_end(*_end_of(message))  # messages are before it
             else:
                 self.telemetry.kafka_error(error)
         taken = self.partitions.take(readable)
         self.metrics.records_consumed.inc(len(taken))
         self.backlog = backlog = len(messages) >= self.settings.batch_size  # more is waiting in Kafka
         for batch in self.batching.batches(taken, backlog):
-            if self.join is None:
+            if self.lockstep is not None:
+                self.shares.append(batch)
+            elif self.join is None:
                 self._hand_over(batch)
             else:
                 self._join_in(batch)
+        if self.lockstep is not None:
+            self._rounds(self.lockstep, backlog)
         if self.join is not None:
             self._join_out(whole=backlog or self.settings.deterministic)
         self._collect(keep=MAX_IN_FLIGHT)
@@ -364,7 +434,9 @@ class Pipeline:
 
     def _pressed(self) -> bool:
         """The step policy's cue: another micro-batch waits for the learning thread, or the last
-        poll came back full (a backlog: the next one is being decoded)."""
+        poll came back full (a backlog: the next one is being decoded); many ranks: any rank's."""
+        if self.lockstep is not None:
+            return self.agreed.pressed
         return self.waiting > 0 or self.backlog
 
     def _learn_isolating(self, messages: Sequence[Message], decoded: DecodedBatch | None = None) -> None:
@@ -423,6 +495,8 @@ class Pipeline:
             self._learn_isolating(rest[middle:])
 
     def _reject(self, message: Message, rejected: Rejected) -> None:
+        if isinstance(message, Shared):  # another rank's record: that rank reports it
+            return
         topic, partition, offset = source = position(message)
         self.telemetry.rejected(f"{topic}[{partition}]@{offset}", rejected.reason.value, rejected.detail)
         if self.dlq is None:
@@ -431,6 +505,106 @@ class Pipeline:
             self.skip_dead_letters.discard(source)  # dead-lettered by the run before a crash
             return
         self.dlq.send(message, rejected)
+
+    # -- many ranks in lockstep -----------------------------------------------------------------
+
+    def _rounds(self, lockstep: Lockstep, backlog: bool) -> None:
+        """Agree with the other ranks, learn the agreed rounds, and checkpoint when agreed."""
+        if isinstance(self.batching, PartitionRounds):
+            ready, blocked = self.batching.ready()
+        else:
+            ready, blocked = len(self.shares), None  # a rank with nothing adds an empty share
+        checkpoints = self.checkpoints
+        due = checkpoints.dirty and time.monotonic() - checkpoints.last_started >= checkpoints.interval_s
+        self.agreed = agreed = lockstep.agree(ready, blocked, backlog, not self.running, due)
+        for _ in range(agreed.rounds):
+            if isinstance(self.batching, PartitionRounds):
+                mine = self.batching.take()
+            else:
+                mine = self.shares.popleft() if self.shares else []
+            self._learn_round(lockstep, mine)
+        if (agreed.due or agreed.stop) and self.checkpoints.dirty:  # dirty alike on every rank
+            self._checkpoint_aligned(lockstep, final=agreed.stop)
+        elif agreed.stop:  # nothing new: the newest snapshot holds these offsets; Kafka gets them too
+            self.checkpoints.commit_offsets(self.consumer, self.partitions.to_commit(), asynchronous=False)
+
+    def _learn_round(self, lockstep: Lockstep, mine: list[Message]) -> None:
+        """Learn one round: every rank's share, in rank order, here and on every rank."""
+        records = [record for share in lockstep.gather_records(mine) for record in share]
+        if not records:
+            return
+        self._learn_isolating(records)  # type: ignore[arg-type]
+        self.partitions.learned_through(mine)
+        self.checkpoints.dirty = True
+
+    def _checkpoint_aligned(self, lockstep: Lockstep, final: bool) -> None:
+        """A snapshot at this round boundary: every rank's offsets and dead-letter marks, one
+        write by rank 0 once the ranks' weights are shown equal, then each rank's own commit."""
+        s, checkpoints = self.settings, self.checkpoints
+        marks: dict[int, int] | None = {}
+        if self.dlq is not None:  # the dead letters of what was learned are delivered first
+            marks = self.dlq.wait_delivered(self.dlq.barrier(), s.shutdown_timeout_s)
+        trainer = self.learner.trainer
+        own = self.partitions.to_commit()
+        mine = {
+            "offsets": [[t, p, o] for (t, p), o in own.items()],
+            "marks": {str(partition): mark for partition, mark in (marks or {}).items()},
+            "digest": digest(trainer.model.state()) if trainer is not None else "",
+            "ok": marks is not None,
+        }
+        everyone = lockstep.gather_json(mine)
+        crash_point("lockstep.gathered")
+        version = self._write_aligned(everyone) if lockstep.rank == 0 else 0
+        version = lockstep.broadcast_json(version)
+        if version < 0:
+            lockstep.lost("the weights check", RuntimeError("the ranks' weights differ"))
+        checkpoints.last_started = time.monotonic()
+        if version == 0:
+            return  # not written: the next due round tries again
+        checkpoints.dirty = False
+        checkpoints.last_written = time.time()
+        self.metrics.snapshot_version.set(version)
+        crash_point("lockstep.published")
+        checkpoints.commit_offsets(self.consumer, own, asynchronous=not final)
+
+    def _write_aligned(self, everyone: list[dict[str, Any]]) -> int:
+        """Rank 0: write the snapshot of a round boundary; its version, 0 when not written, -1
+        when the ranks' weights differ (which lockstep makes impossible, and this proves)."""
+        s = self.settings
+        if not all(rank["ok"] for rank in everyone):
+            log.warning("a rank's dead letters were not delivered in time: no snapshot this time")
+            return 0
+        digests = {rank["digest"] for rank in everyone}
+        if len(digests) > 1:
+            log.error("the ranks' weights differ at a round boundary: %s", [r["digest"] for r in everyone])
+            return -1
+        offsets = dict(self.partitions.learned)
+        marks: dict[int, int] = {}
+        for rank in everyone:
+            offsets.update({(topic, partition): offset for topic, partition, offset in rank["offsets"]})
+            for partition, mark in rank["marks"].items():
+                marks[int(partition)] = max(marks.get(int(partition), 0), mark)
+        try:
+            tensors, content = self._content(offsets)
+        except SnapshotError as exc:
+            self.metrics.snapshot_failures.inc()
+            log.error("%s", exc)
+            return 0
+        world = {"size": self.world.size, "digest": digests.pop()}
+        content = content.model_copy(update={"world": world})
+        extra: dict[str, Any] = {}
+        if self.dlq is not None:
+            extra["dlq"] = DeadLetterMarks(topic=self.dlq.topic, marks=dict(sorted(marks.items())))
+        started = time.monotonic()
+        future = self.checkpoints.writer.submit(s.model_name, tensors, content, lambda: extra)
+        try:
+            snapshot = future.result(timeout=s.shutdown_timeout_s)
+        except Exception as exc:
+            self.metrics.snapshot_failures.inc()
+            log.error("snapshot failed, offsets not committed (will retry): %s", exc)
+            return 0
+        self.metrics.snapshot_write.observe(time.monotonic() - started)
+        return snapshot.version
 
     # -- rebalancing ----------------------------------------------------------------------------
 
@@ -451,9 +625,11 @@ class Pipeline:
             )
             if start is not None:
                 tp.offset = start
-        if self.order is not None:
-            self.order.assigned((tp.topic, tp.partition) for tp in partitions)
-        if self.join is None:
+        if isinstance(self.batching, EventTimeOrder | PartitionRounds):
+            self.batching.assigned((tp.topic, tp.partition) for tp in partitions)
+        if self.lockstep is not None:
+            consumer.assign(partitions)
+        elif self.join is None:
             consumer.incremental_assign(partitions)
         else:  # the range assignor is eager: each assignment is the whole of it
             consumer.assign(partitions)

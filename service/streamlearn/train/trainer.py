@@ -16,6 +16,7 @@ from torch import Tensor
 from streamlearn.errors import ConfigError, SnapshotMismatch
 from streamlearn.models import OnlineModel
 from streamlearn.records import DecodedBatch
+from streamlearn.train.lockstep import Reducer
 from streamlearn.train.losses import Loss, LossSettings
 from streamlearn.train.optim import Optimizers, Schedule
 from streamlearn.train.replay import Reservoir
@@ -147,6 +148,7 @@ class Trainer:
         sub_batch: int = 8,
         l1: float = 0.0,
         replay: Reservoir | None = None,
+        reducer: Reducer | None = None,
     ) -> None:
         self.model = model.to(device)
         self.optimizer = optimizer
@@ -170,6 +172,10 @@ class Trainer:
         # modes each step would cost a walk over every module for nothing.
         self.modal = any(isinstance(m, MODAL) for m in model.modules())
         self.parameters = list(model.parameters())
+        self.reducer = reducer  # many ranks: each computes a share of a step, the gradients are summed
+        self.sparse = {
+            id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse
+        }
         # L1: weights only, and not the category table (a penalty on every row is no sparse step)
         self.penalized = [
             p for n, p in model.named_parameters() if p.dim() > 1 and not n.startswith("categories.")
@@ -273,10 +279,13 @@ class Trainer:
                 model.train()
             self.optimizer.zero_grad(set_to_none=True)
             weights = self.loss.weights(y, w)
-            loss = (self.loss.per_record(model(x, c), y) * weights).sum() / weights.sum().clamp_min(1e-12)
-            if self.l1:
-                loss = loss + self.l1 * sum(p.abs().sum() for p in self.penalized)
-            loss.backward()
+            if self.reducer is None:
+                loss = (self.loss.per_record(model(x, c), y) * weights).sum() / weights.sum().clamp_min(1e-12)
+                if self.l1:
+                    loss = loss + self.l1 * sum(p.abs().sum() for p in self.penalized)
+                loss.backward()
+            else:
+                loss = self._learn_share(x, c, y, weights, self.reducer)
             # clip, and refuse to step on a non-finite loss or gradient (one device sync per step)
             norm = self._clip_gradients()
             finite = bool(torch.isfinite(loss.detach() + norm).item())
@@ -300,6 +309,28 @@ class Trainer:
         if self.boost_left > 0:
             self.boost_left -= fresh
         return True
+
+    def _learn_share(
+        self, x: Tensor, c: Tensor | None, y: Tensor, weights: Tensor, reducer: Reducer
+    ) -> Tensor:
+        """This rank's share of a step's forward and backward, then the gradients summed over the
+        ranks: the gradient of the step's global weighted mean loss, the same on every rank. A
+        rank with no share contributes zeros; one whose share raised makes every rank raise."""
+        share = reducer.share(len(y))
+        loss = torch.zeros((), device=self.device)
+        raised = False
+        try:
+            if share.stop > share.start:
+                part = self.loss.per_record(self.model(x[share], None if c is None else c[share]), y[share])
+                loss = (part * weights[share]).sum() / weights.sum().clamp_min(1e-12)
+            if self.l1 and reducer.rank == 0:  # once, not once per rank
+                loss = loss + self.l1 * sum(p.abs().sum() for p in self.penalized)
+            if loss.requires_grad:
+                loss.backward()
+        except Exception:  # every rank must still meet in the reduction below
+            self.optimizer.zero_grad(set_to_none=True)
+            raised = True
+        return reducer.reduce(self.parameters, self.sparse, loss, raised)
 
     def _clip_gradients(self) -> Tensor:
         """The gradients' total norm, after clipping them to --clip-grad-norm if set.
