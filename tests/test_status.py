@@ -76,3 +76,31 @@ def test_the_label_join_shows_outcomes_coverage_delays_and_served_accuracy_per_v
     assert "joined 900   expired 100" in text and "42 predictions   3 labels" in text
     assert "coverage          0.900" in text
     assert "served accuracy   v8 0.900 (50 labels)   v7 0.800 (100 labels)" in text
+
+
+def test_the_ranks_of_one_trainer_add_up_and_the_model_is_rank_0s():
+    from prometheus_client import start_http_server
+
+    from streamlearn.dev.broker import free_port
+    from streamlearn.dev.status import scrape_ranks, total
+
+    ranks, servers, urls = [TrainerMetrics(CollectorRegistry()) for _ in range(2)], [], []
+    for rank, metrics in enumerate(ranks):
+        metrics.records_invalid.labels("bad_json").inc(2 + rank)
+        metrics.records_consumed.inc(100 * (rank + 1))
+        port = free_port()
+        servers.append(start_http_server(port, "127.0.0.1", metrics.registry)[0])
+        urls.append(f"http://127.0.0.1:{port}")
+    ranks[0].records_trained.inc(300)  # every rank learns every record; rank 0 alone exports it
+    ranks[0].prequential_accuracy.labels("1000").set(0.9)
+    try:
+        samples = scrape_ranks(",".join(urls))
+        assert samples is not None
+        assert total(samples, "streamlearn_records_consumed_total") == 300
+        assert by_label(samples, "streamlearn_records_invalid_total", "reason")["bad_json"] == 5
+        assert total(samples, "streamlearn_records_trained_total") == 300
+        assert value(samples, "streamlearn_prequential_accuracy_ratio", window="1000") == 0.9
+        assert scrape_ranks(f"http://127.0.0.1:{free_port()},{urls[1]}") is None  # rank 0 must answer
+    finally:
+        for server in servers:
+            server.shutdown()

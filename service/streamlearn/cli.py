@@ -6,6 +6,7 @@ and is also an environment variable. User errors print one line and exit non-zer
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -81,8 +82,10 @@ def run_train(settings: TrainSettings) -> int:
 
     stop = _stop_event()  # first: a signal during start-up ends the trainer cleanly too
     open_store(settings.snapshot_dir).ensure_writable()
-    rank = World.from_env().rank  # under torchrun each rank serves its metrics on the port + its rank
-    port = settings.metrics_port + rank if settings.metrics_port else 0
+    # Under torchrun each rank serves its metrics on the port + its rank on this host (LOCAL_RANK):
+    # ranks on one host do not collide, and a rank per pod keeps the port its manifest names.
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if World.from_env().size > 1 else 0
+    port = settings.metrics_port + local_rank if settings.metrics_port else 0
     if port:
         ensure_port_free(settings.metrics_host, port, "trainer metrics")
     kafka.check_reachable(settings.bootstrap, settings.kafka, settings.connect_timeout_s)

@@ -737,7 +737,11 @@ class DlqReplaySettings(DlqInspectSettings):
 class StatusSettings(_Settings):
     """`streamlearn status`: learning, drift, pipeline health and serving in the terminal."""
 
-    trainer: str = Field("http://127.0.0.1:9101", description="Base URL of the trainer's metrics endpoint.")
+    trainer: str = Field(
+        "http://127.0.0.1:9101",
+        description="Base URL of the trainer's metrics endpoint; under torchrun, every rank's, "
+        "comma-separated (rank 0 first: each serves on the port + its rank).",
+    )
     server: str = Field("http://127.0.0.1:8000", description="Base URL of the prediction server.")
     watch: bool = Field(False, description="Refresh every --interval-s until Ctrl-C.")
     interval_s: float = Field(2.0, gt=0, description="Seconds between refreshes with --watch.")

@@ -23,6 +23,16 @@ def scrape(url: str) -> Samples | None:
     return parse(text)
 
 
+def scrape_ranks(urls: str) -> Samples | None:
+    """The samples of every rank of one trainer (comma-separated base URLs, rank 0 first), in one
+    list: counters and lags add up over the ranks, and what describes the model is rank 0's (the
+    other ranks do not export it). None when rank 0 does not answer."""
+    ranks = [scrape(url.strip().rstrip("/") + "/metrics") for url in urls.split(",") if url.strip()]
+    if not ranks or ranks[0] is None:
+        return None
+    return [sample for samples in ranks if samples is not None for sample in samples]
+
+
 def parse(text: str) -> Samples:
     """The samples of a Prometheus text page, with their labels as dicts."""
     return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
@@ -196,7 +206,7 @@ def show(
 ) -> bool:
     """Print the status (again every interval with watch); False when neither process answers."""
     while True:
-        trainer = scrape(trainer_url.rstrip("/") + "/metrics")
+        trainer = scrape_ranks(trainer_url)
         server = scrape(server_url.rstrip("/") + "/metrics")
         text = render(trainer, server)
         if watch:

@@ -250,7 +250,9 @@ class Reducer:
         for p in parameters:
             if p.requires_grad and id(p) in sparse:
                 grad = p.grad if p.grad is not None else _empty_sparse(p)
-                p.grad = self.lockstep.all_reduce(grad.coalesce()).coalesce()
+                # through gloo on the CPU: NCCL has no sparse all_reduce
+                summed = self.lockstep.all_reduce(grad.coalesce().cpu()).coalesce()
+                p.grad = summed.to(p.device)
         return buffer[-2]
 
 
