@@ -118,3 +118,18 @@ def test_two_ranks_hold_the_same_weights_as_each_other_and_as_one_process():
         torch.testing.assert_close(tensor, alone[name], rtol=1e-4, atol=1e-5)
     untrained = _model_and_trainer().model.state()
     assert any(not torch.equal(alone[name], untrained[name]) for name in alone)  # it did learn
+
+
+def test_a_partition_far_ahead_of_a_held_round_is_paused_until_drained():
+    from streamlearn.train.order import BUFFER_RECORDS
+
+    order = PartitionRounds[Msg](10)
+    order.assigned([("t", 0), ("t", 2)])
+    order.batches([Msg(0, o) for o in range(BUFFER_RECORDS)])  # partition 2 has sent nothing yet
+    assert order.ready() == (BUFFER_RECORDS // 10, 0) and order.flow() == ([("t", 0)], [])
+    order.batches([Msg(2, o) for o in range(BUFFER_RECORDS // 2 + 1000)])
+    _, blocked = order.ready()
+    assert blocked == (BUFFER_RECORDS // 2 + 1000) // 10
+    for _ in range(blocked):
+        order.take()
+    assert order.flow() == ([], [("t", 0)]) and order.paused == 0  # drained to half: read again

@@ -15,7 +15,9 @@ ROWS = {
             ('streamlearn_prequential_accuracy_ratio{window="10000"}', "last 10k {{instance}}"),
         ]),
         ("Records learned per second", "short", [
-            ("streamlearn_records_per_second", "{{instance}}"),
+            # under torchrun rank 0 exports the model's rate, the other ranks 0
+            ('streamlearn_records_per_second * on (instance) group_left streamlearn_trainer_rank{rank="0"}',
+             "{{instance}}"),
             ("sum(rate(streamlearn_records_consumed_total[1m]))", "consumed (all trainers)"),
         ]),
         ("Optimizer steps per record (step policy)", "none", [
@@ -51,6 +53,11 @@ ROWS = {
         ("Served vs trained version", "short", [
             ("max(streamlearn_snapshot_version)", "trained"),
             ("max(streamlearn_served_model_version)", "served"),
+        ]),
+        ("Records read per second, by trainer rank", "short", [
+            ("sum by (rank) (rate(streamlearn_records_consumed_total[1m])"
+             " * on (instance) group_left (rank) streamlearn_trainer_rank)", "rank {{rank}}"),
+            ("count(streamlearn_trainer_rank)", "ranks up"),
         ]),
         ("Kafka errors and snapshot failures per second", "short", [
             ("sum(rate(streamlearn_kafka_errors_total[1m]))", "Kafka errors"),

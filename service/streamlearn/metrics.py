@@ -125,6 +125,13 @@ class TrainerMetrics:
             "Partitions paused because they ran ahead in event time and their buffer is full.",
             registry=registry,
         )
+        self.trainer_rank = Gauge(
+            "streamlearn_trainer_rank",
+            "1 per trainer process: its rank under torchrun and the ranks learning its model (0 of 1 "
+            "alone); rank 0 alone exports what the model does, every rank what it reads.",
+            ["rank", "world_size"],
+            registry=registry,
+        )
         self.offsets_committed = Counter(
             "streamlearn_offset_commits_total", "Offset commits after a durable snapshot.", registry=registry
         )

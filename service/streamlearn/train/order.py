@@ -83,6 +83,7 @@ class PartitionRounds(Generic[M]):
         self._buffers: dict[Key, list[M]] = {}
         self._ends: dict[Key, int] = {}  # where each partition's end was reported
         self._next: dict[Key, int] = {}  # the offset after the last record taken
+        self._paused: set[Key] = set()
 
     def assigned(self, keys: Iterable[Key]) -> None:
         for key in keys:
@@ -119,6 +120,27 @@ class PartitionRounds(Generic[M]):
     def release(self, keys: Iterable[Key]) -> None:
         for key in keys:
             self._buffers.pop(key, None)
+
+    def flow(self) -> tuple[list[Key], list[Key]]:
+        """Partitions to pause (far ahead of a round another partition holds back) and to resume
+        (drained to half): a paused one holds whole rounds, so it never holds a round back."""
+        limit = max(BUFFER_RECORDS, 2 * self.batch_size)
+        pause, resume = [], []
+        for key, buffer in self._buffers.items():
+            if key not in self._paused and len(buffer) >= limit:
+                self._paused.add(key)
+                pause.append(key)
+            elif key in self._paused and len(buffer) <= limit // 2:
+                self._paused.discard(key)
+                resume.append(key)
+        return pause, resume
+
+    @property
+    def paused(self) -> int:
+        return len(self._paused)
+
+    def paused_keys(self) -> list[Key]:
+        return sorted(self._paused)
 
     def _at_end(self, key: Key) -> bool:
         end = self._ends.get(key)

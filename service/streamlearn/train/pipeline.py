@@ -117,6 +117,7 @@ class Pipeline:
         else:
             self.batching = self.order = EventTimeOrder(s.batch_size, s.max_order_wait_ms)
         self.telemetry = Telemetry(metrics, s.drift_per_feature)
+        metrics.trainer_rank.labels(str(world.rank), str(world.size)).set(1)
         # Every rank learns the same global batches: only rank 0 exports what the model does, so
         # a sum over the ranks counts each record once.
         learning = self.telemetry
@@ -353,8 +354,8 @@ class Pipeline:
         if self.join is not None:
             self._join_out(whole=backlog or self.settings.deterministic)
         self._collect(keep=MAX_IN_FLIGHT)
-        if self.order is not None and self.consumer is not None:
-            self._flow(self.consumer, self.order)
+        if isinstance(self.batching, EventTimeOrder | PartitionRounds) and self.consumer is not None:
+            self._flow(self.consumer, self.batching)
 
     def settle(self) -> None:
         """Wait until every micro-batch handed over is learned: its offsets may then be checkpointed."""
@@ -419,7 +420,7 @@ class Pipeline:
                 self.partitions.learned_through(messages)
                 self.checkpoints.dirty = True
 
-    def _flow(self, consumer: Consumer, order: "EventTimeOrder[Message]") -> None:
+    def _flow(self, consumer: Consumer, order: "EventTimeOrder[Message] | PartitionRounds[Message]") -> None:
         """Pause partitions that ran ahead in event time; resume them once the others caught up."""
         pause, resume = order.flow()
         if pause:
