@@ -15,6 +15,7 @@ import bench_pipeline
 import bench_prediction_log
 import bench_quantize
 import bench_restart
+import bench_scale_out
 import bench_serving
 import bench_serving_load
 import bench_snapshots
@@ -27,6 +28,7 @@ def main() -> None:
         *bench_training.main(),
         *bench_pipeline.main(),
         *bench_ingest.main(),
+        *bench_scale_out.main(),
         *bench_restart.main(),
         *bench_serving.main(),
         *bench_serving_load.main(),

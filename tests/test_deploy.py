@@ -1,6 +1,8 @@
 """The deployment artifacts, checked without Docker or a cluster: docker-compose.yml and the
-Dockerfile structurally, deploy/k8s against the Kubernetes schemas (offline) and our own settings."""
+Dockerfile structurally, deploy/k8s and its overlays against the Kubernetes schemas (offline) and
+our own settings."""
 
+import argparse
 from pathlib import Path
 
 import certifi
@@ -42,6 +44,7 @@ def test_every_image_is_pinned():
 def test_snapshots_are_written_by_the_trainer_and_only_read_by_the_server():
     assert "snapshots:/snapshots" in SERVICES["trainer"]["volumes"]
     assert "snapshots:/snapshots" in SERVICES["trainer-gpu"]["volumes"]
+    assert "snapshots:/snapshots" in SERVICES["trainer-ranks"]["volumes"]
     assert "snapshots:/snapshots:ro" in SERVICES["server"]["volumes"]
 
 
@@ -99,6 +102,32 @@ def test_the_gpu_profile_reserves_a_gpu_for_a_cuda_trainer():
     assert all(gpu["environment"][name] == SERVICES["trainer"]["environment"][name] for name in same)
 
 
+def torchrun(args: list[str]) -> argparse.Namespace:
+    """torchrun's own reading of a command line (SystemExit on a wrong flag), running streamlearn."""
+    from torch.distributed.run import get_args_parser
+
+    launch = get_args_parser().parse_args(args)
+    assert launch.module and launch.training_script == "streamlearn", args
+    build_parser().parse_args(launch.training_script_args)  # raises UsageError on a wrong flag
+    return launch
+
+
+def test_the_ranks_profile_runs_two_ranks_of_one_model_under_torchrun():
+    ranks = SERVICES["trainer-ranks"]
+    assert ranks["profiles"] == ["ranks"] and ranks["entrypoint"] == ["torchrun"]
+    launch = torchrun(ranks["command"])
+    assert launch.standalone and int(launch.nproc_per_node) == 2 and launch.max_restarts > 0
+    assert launch.training_script_args[0] == "train"
+    assert ranks["environment"] == SERVICES["trainer"]["environment"]  # the trainer's model and group
+    # each rank serves /metrics on the port + its rank, and Prometheus scrapes every one
+    port = TrainSettings.model_fields["metrics_port"].default
+    assert ranks["ports"] == [f"127.0.0.1:{port}-{port + 1}:{port}-{port + 1}"]
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus-compose.yml").read_text())
+    [job] = [job for job in prometheus["scrape_configs"] if job["job_name"] == "streamlearn-trainer"]
+    targets = {target for config in job["static_configs"] for target in config["targets"]}
+    assert {f"trainer-ranks:{port}", f"trainer-ranks:{port + 1}"} <= targets
+
+
 # -- Kubernetes ---------------------------------------------------------------------------------
 
 K8S = ROOT / "deploy" / "k8s"
@@ -125,7 +154,8 @@ def containers(workload: dict) -> list[dict]:
 
 
 def merge(base, patch):
-    """A strategic merge as kustomize does it for these patches: maps deep, named lists by name."""
+    """A strategic merge as kustomize does it for these patches: maps deep, named lists by name
+    (an item with `$patch: delete` removes its namesake)."""
     if isinstance(base, dict) and isinstance(patch, dict):
         return {**base, **{key: merge(base.get(key), value) for key, value in patch.items()}}
     if isinstance(base, list) and isinstance(patch, list) and all("name" in item for item in base + patch):
@@ -134,8 +164,11 @@ def merge(base, patch):
         ]
         by_name = {item["name"]: item for item in base}
         for item in patch:
-            by_name[item["name"]] = merge(by_name.get(item["name"]), item)
-        return [by_name[name] for name in names]
+            if item.get("$patch") == "delete":
+                by_name.pop(item["name"], None)
+            else:
+                by_name[item["name"]] = merge(by_name.get(item["name"]), item)
+        return [by_name[name] for name in names if name in by_name]
     return patch
 
 
@@ -279,6 +312,39 @@ def test_the_gpu_overlay_puts_the_trainer_on_one_gpu():
     assert build_parser().parse_args(container["args"]).device == "cuda"
     assert container["image"] in {image["name"] for image in overlay["images"]}
     assert all(image["newTag"].endswith("-cuda") for image in overlay["images"])
+
+
+def test_the_ranks_overlay_runs_one_rank_per_pod_under_torchrun():
+    # beside deploy/k8s, not in it: kustomize refuses an overlay inside its own base
+    overlay_dir = ROOT / "deploy" / "k8s-ranks"
+    overlay = yaml.safe_load((overlay_dir / "kustomization.yaml").read_text())
+    assert overlay["resources"] == ["../k8s"]
+    [patch_path] = [patch["path"] for patch in overlay["patches"]]
+    patch = yaml.safe_load((overlay_dir / patch_path).read_text())
+    base = find(patch["kind"], patch["metadata"]["name"])
+    trainer = merge(base, patch)
+    kubernetes_validate.validate(trainer, K8S_VERSION, strict=True)
+    [container] = containers(trainer)
+    assert container["command"] == ["torchrun"]
+    launch = torchrun(container["args"])
+    spec = trainer["spec"]
+    assert int(launch.nnodes) == spec["replicas"] >= 2 and int(launch.nproc_per_node) == 1
+    assert launch.rdzv_backend == "c10d" and launch.rdzv_id and launch.max_restarts > 0
+    host, _, rdzv_port = launch.rdzv_endpoint.rpartition(":")
+    assert host == f"{trainer['metadata']['name']}-0.{spec['serviceName']}"  # pod 0 hosts the store
+    assert find("Service", spec["serviceName"])["spec"]["clusterIP"] == "None"  # so pod 0 has a name
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    # one rank per pod: each serves /metrics on the port itself, where the ServiceMonitor looks
+    assert ports == {
+        "rendezvous": int(rdzv_port),
+        "metrics": TrainSettings.model_fields["metrics_port"].default,
+    }
+    assert container["startupProbe"]["httpGet"]["port"] == "metrics"
+    env = {item["name"]: item for item in container["env"]}
+    assert "STREAMLEARN_GROUP_INSTANCE_ID" not in env  # the ranks assign() their partitions
+    assert all(name in SETTINGS for name in env if name.startswith("STREAMLEARN_"))
+    assert container["resources"] == containers(base)[0]["resources"]
+    assert container["securityContext"] == containers(base)[0]["securityContext"]
 
 
 def test_the_kafka_properties_the_manifests_pass_are_known_to_librdkafka():

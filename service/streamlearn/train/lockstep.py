@@ -51,6 +51,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_size: int = 1
+    local_rank: int = 0  # its place among the ranks on this host (its GPU, with CUDA)
 
     @classmethod
     def from_env(cls) -> "World":
@@ -58,13 +59,19 @@ class World:
             size = int(os.environ.get("WORLD_SIZE", "1"))
             rank = int(os.environ.get("RANK", "0"))
             local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
+            local_rank = int(os.environ.get("LOCAL_RANK", str(rank % local_size)))
         except ValueError:
             raise ConfigError(
-                "WORLD_SIZE, RANK and LOCAL_WORLD_SIZE must be integers (torchrun sets them)"
+                "WORLD_SIZE, RANK, LOCAL_WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them)"
             ) from None
-        if size < 1 or not 0 <= rank < size or not 1 <= local_size <= size:
+        if (
+            size < 1
+            or not 0 <= rank < size
+            or not 1 <= local_size <= size
+            or not 0 <= local_rank < local_size
+        ):
             raise ConfigError(f"rank {rank} of a world of {size} ({local_size} local) is impossible")
-        return cls(rank, size, local_size)
+        return cls(rank, size, local_size, local_rank)
 
     def owned(self, partitions: int) -> list[int]:
         """The partitions of a topic with `partitions` of them that this rank reads."""
@@ -109,13 +116,16 @@ class Lockstep:
         self.world = world
         self.rank, self.size = world.rank, world.size
         if not dist.is_initialized():
-            dist.init_process_group(
-                "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
-                store=_store(world, timeout_s),
-                rank=world.rank,
-                world_size=world.size,
-                timeout=timedelta(seconds=timeout_s),
-            )
+            try:
+                dist.init_process_group(
+                    "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
+                    store=_store(world, timeout_s),
+                    rank=world.rank,
+                    world_size=world.size,
+                    timeout=timedelta(seconds=timeout_s),
+                )
+            except Exception as exc:  # the others never came: torchrun restarts the group
+                self.lost("joining the group", exc)
         self.device = device
         self.reducer = Reducer(self)
         log.info("rank %d of %d: lockstep over %s", self.rank, self.size, dist.get_backend())
@@ -268,11 +278,16 @@ def _all_reduce_max(tensor: Tensor) -> Tensor:
 
 
 def _store(world: World, timeout_s: float) -> dist.Store:
-    """The rendezvous store, under a prefix of torchrun's restart count: after a restart the keys
-    of the group that failed are still in torchrun's store, and would break the new group's start."""
+    """The rendezvous store. Where the workers share torchrun's own store (one host), the keys of
+    a group that failed are still in it after a restart and would break the new group's start
+    (pytorch#135712): a prefix of the restart count keeps each run's apart. Across hosts each host
+    counts its own restarts, so there each run needs a store of its own, as
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 makes it (README, Scaling out)."""
     store, _, _ = next(
         dist.rendezvous("env://", world.rank, world.size, timeout=timedelta(seconds=timeout_s))
     )
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store
     return dist.PrefixStore(f"streamlearn/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 

@@ -73,6 +73,9 @@ class Pipeline:
         self.running = True
         self.device = pick_device(s.device)  # --device cuda without one: ConfigError
         self.world = world = World.from_env()
+        if world.size > 1 and self.device.type == "cuda":  # one GPU per rank on its host
+            self.device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
         if world.size > 1 and s.labels_topic:
             raise ConfigError("--labels-topic learns in one process: run the label join with one rank")
         if s.deterministic:
