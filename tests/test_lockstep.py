@@ -133,3 +133,17 @@ def test_a_partition_far_ahead_of_a_held_round_is_paused_until_drained():
     for _ in range(blocked):
         order.take()
     assert order.flow() == ([], [("t", 0)]) and order.paused == 0  # drained to half: read again
+
+
+def test_a_partition_whose_end_lies_past_its_last_record_is_at_its_end():
+    order = PartitionRounds[Msg](2)
+    order.assigned([("t", 0)])
+    order.batches([Msg(0, 0), Msg(0, 1), Msg(0, 2)])  # then a transaction's commit marker at 3
+    order.reached_end(("t", 0), 4)
+    assert order.ready() == (1, 1)
+    order.take()
+    assert order.ready() == (0, None)  # never holds the other ranks back for its odd record
+    order.batches([Msg(0, 5)])  # a record after the end reported: reading again
+    assert order.ready() == (1, 1)
+    order.take()
+    assert order.ready() == (0, 0)

@@ -97,7 +97,9 @@ def run_train(settings: TrainSettings) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, pipeline.stop)
     if stop.is_set():
-        return 0
+        if pipeline.lockstep is None:
+            return 0
+        pipeline.stop()  # the other ranks are starting too: the first round tells them to stop
     pipeline.run()
     return 0
 

@@ -41,6 +41,9 @@ from streamlearn.train.partitions import Consumed
 log = logging.getLogger("streamlearn.train")
 
 EXIT_PEER_LOST = 3  # a collective failed: the group must restart from the newest snapshot
+# Starting takes longer than a round may: loading the newest snapshot, finding the dead letters a
+# crashed run sent. Until every rank is ready, the ranks wait this long for each other.
+START_TIMEOUT_S = 600.0
 T = TypeVar("T")
 
 
@@ -115,19 +118,26 @@ class Lockstep:
     def __init__(self, world: World, timeout_s: float, device: torch.device) -> None:
         self.world = world
         self.rank, self.size = world.rank, world.size
-        if not dist.is_initialized():
-            try:
+        try:
+            if not dist.is_initialized():  # the default group: the start-up's collectives
+                start = max(timeout_s, START_TIMEOUT_S)
                 dist.init_process_group(
                     "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
-                    store=_store(world, timeout_s),
+                    store=_store(world, start),
                     rank=world.rank,
                     world_size=world.size,
-                    timeout=timedelta(seconds=timeout_s),
+                    timeout=timedelta(seconds=start),
                 )
-            except Exception as exc:  # the others never came: torchrun restarts the group
-                self.lost("joining the group", exc)
+            # the rounds' collectives: a peer that does not answer within timeout_s is lost
+            self.group = dist.new_group(timeout=timedelta(seconds=timeout_s))
+        except Exception as exc:  # the others never came: torchrun restarts the group
+            self.lost("joining the group", exc)
         self.device = device
         self.reducer = Reducer(self)
+        if device.type == "cpu":  # the same CPU kernels on every rank: the same float rounding
+            threads = torch.tensor([-torch.get_num_threads()])
+            self._collective("agreeing on threads", lambda: _all_reduce_max(threads, None))
+            torch.set_num_threads(-int(threads))
         log.info("rank %d of %d: lockstep over %s", self.rank, self.size, dist.get_backend())
 
     def close(self) -> None:
@@ -148,7 +158,8 @@ class Lockstep:
         values = [ready, -(never if blocked is None else blocked), int(pressed), int(stop), int(due)]
         if self.rank != 0:
             values[4] = 0  # the snapshot interval is rank 0's to keep
-        reduced = self._collective("agree", lambda: _all_reduce_max(torch.tensor(values, dtype=torch.int64)))
+        reduced = torch.tensor(values, dtype=torch.int64)
+        self._collective("agree", lambda: _all_reduce_max(reduced, self.group))
         most, fewest_blocked = int(reduced[0]), -int(reduced[1])
         return Agreement(min(most, fewest_blocked), bool(reduced[2]), bool(reduced[3]), bool(reduced[4]))
 
@@ -177,25 +188,39 @@ class Lockstep:
             shares.append(records)
         return shares
 
-    def gather_json(self, value: Any) -> list[Any]:
+    def same(self, what: str, *values: int) -> None:
+        """End the group unless every rank has these values: a check that a round went alike
+        everywhere (an exception only one rank met, say) before anything of it is snapshotted."""
+        both = torch.tensor([*values, *(-v for v in values)], dtype=torch.int64)
+        self._collective(what, lambda: _all_reduce_max(both, self.group))
+        n = len(values)
+        if any(int(both[i]) != -int(both[n + i]) for i in range(n)):
+            self.lost(what, RuntimeError(f"the ranks disagree: this rank has {list(values)}"))
+
+    def ready(self) -> None:
+        """Wait for every rank to be started (within START_TIMEOUT_S), before the first round."""
+        self._collective("waiting for the ranks to start", lambda: dist.barrier())
+
+    def gather_json(self, value: Any, at_start: bool = False) -> list[Any]:
         """Every rank's JSON-able value, in rank order (JSON, never pickle)."""
-        return [orjson.loads(parts[0]) for parts in self.gather_bytes([orjson.dumps(value)])]
+        return [orjson.loads(parts[0]) for parts in self.gather_bytes([orjson.dumps(value)], at_start)]
 
-    def broadcast_json(self, value: Any) -> Any:
+    def broadcast_json(self, value: Any, at_start: bool = False) -> Any:
         """Rank 0's value, on every rank."""
-        return self.gather_json(value if self.rank == 0 else None)[0]
+        return self.gather_json(value if self.rank == 0 else None, at_start)[0]
 
-    def gather_bytes(self, parts: list[bytes]) -> list[list[bytes]]:
+    def gather_bytes(self, parts: list[bytes], at_start: bool = False) -> list[list[bytes]]:
         """Every rank's byte strings (as many on each), in rank order: two collectives."""
+        group = None if at_start else self.group
         lengths = torch.tensor([len(p) for p in parts], dtype=torch.int64)
         everyone = [torch.empty_like(lengths) for _ in range(self.size)]
-        self._collective("gather", lambda: dist.all_gather(everyone, lengths))
+        self._collective("gather", lambda: dist.all_gather(everyone, lengths, group=group))
         longest = max(int(t.sum()) for t in everyone)
         mine = torch.zeros(max(longest, 1), dtype=torch.uint8)
         if lengths.sum():
             mine[: int(lengths.sum())] = torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
         blobs = [torch.empty_like(mine) for _ in range(self.size)]
-        self._collective("gather", lambda: dist.all_gather(blobs, mine))
+        self._collective("gather", lambda: dist.all_gather(blobs, mine, group=group))
         result = []
         for size, blob in zip(everyone, blobs, strict=True):
             data, out, start = blob.numpy().tobytes(), [], 0
@@ -207,7 +232,7 @@ class Lockstep:
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
         """The sum over ranks, in place (dense or sparse)."""
-        self._collective("all_reduce", lambda: dist.all_reduce(tensor))
+        self._collective("all_reduce", lambda: dist.all_reduce(tensor, group=self.group))
         return tensor
 
     def _collective(self, what: str, call: Callable[[], T]) -> T:
@@ -272,8 +297,8 @@ def _empty_sparse(p: torch.nn.Parameter) -> Tensor:
     return torch.sparse_coo_tensor(indices, values, p.shape)
 
 
-def _all_reduce_max(tensor: Tensor) -> Tensor:
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+def _all_reduce_max(tensor: Tensor, group: Any) -> Tensor:
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return tensor
 
 

@@ -143,9 +143,11 @@ class PartitionRounds(Generic[M]):
         return sorted(self._paused)
 
     def _at_end(self, key: Key) -> bool:
+        """Read to its end: its end was reported at or after the last record taken (after it, when
+        control records such as a transaction's commit marker follow), and no round is buffered."""
         end = self._ends.get(key)
         return (
-            end is not None and self._next.get(key, end) >= end and len(self._buffers[key]) < self.batch_size
+            end is not None and end >= self._next.get(key, end) and len(self._buffers[key]) < self.batch_size
         )
 
 

@@ -87,6 +87,7 @@ class Pipeline:
         self.lockstep = Lockstep(world, s.collective_timeout_s, self.device) if world.size > 1 else None
         self.agreed = Agreement(0, False, False, False)
         self.shares: deque[list[Message]] = deque()  # this rank's batches not yet learned in a round
+        self.aligned_write: Future[Snapshot] | None = None  # rank 0's newest snapshot write
         self.store = open_store(s.snapshot_dir, s.keep_snapshots)
         labels = LabelSpec.create(s.task, s.classes, s.num_classes)
         kinds = feature_kinds(s)
@@ -185,7 +186,7 @@ class Pipeline:
         if lockstep is None:
             return self.store.load_latest(self.settings.model_name)
         newest = self.store.load_latest(self.settings.model_name) if lockstep.rank == 0 else None
-        version = lockstep.broadcast_json(newest.version if newest is not None else 0)
+        version = lockstep.broadcast_json(newest.version if newest is not None else 0, at_start=True)
         if lockstep.rank == 0 or not version:
             return newest
         return self.store.load(self.settings.model_name, version)
@@ -220,6 +221,7 @@ class Pipeline:
         )  # fmt: skip
         if self.lockstep is not None:  # static ownership: no rebalance moves a partition mid-round
             self._on_assign(consumer, [TopicPartition(s.topic, p) for p in owned])
+            self.lockstep.ready()
             return consumer
         consumer.subscribe(
             topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
@@ -229,7 +231,11 @@ class Pipeline:
     def _owned(self) -> list[int]:
         """The topic's partitions this rank reads (p mod ranks == rank); too few is an error."""
         s, world = self.settings, self.world
-        count = kafka.partition_counts(s.bootstrap, s.kafka, [s.topic], s.connect_timeout_s)[s.topic]
+        assert self.lockstep is not None
+        count = None  # rank 0 asks, so that every rank divides the same partitions
+        if world.rank == 0:
+            count = kafka.partition_counts(s.bootstrap, s.kafka, [s.topic], s.connect_timeout_s)[s.topic]
+        count = self.lockstep.broadcast_json(count, at_start=True)
         if count is None:
             raise ConfigError(
                 f"--topic {s.topic} does not exist: with {world.size} ranks, create it with a multiple "
@@ -531,14 +537,17 @@ class Pipeline:
         if (agreed.due or agreed.stop) and self.checkpoints.dirty:  # dirty alike on every rank
             self._checkpoint_aligned(lockstep, final=agreed.stop)
         elif agreed.stop:  # nothing new: the newest snapshot holds these offsets; Kafka gets them too
-            self.checkpoints.commit_offsets(self.consumer, self.partitions.to_commit(), asynchronous=False)
+            self._commit_bounded(self.partitions.to_commit())
 
     def _learn_round(self, lockstep: Lockstep, mine: list[Message]) -> None:
         """Learn one round: every rank's share, in rank order, here and on every rank."""
         records = [record for share in lockstep.gather_records(mine) for record in share]
         if not records:
             return
+        before = self.records_learned
         self._learn_isolating(records)  # type: ignore[arg-type]
+        steps = self.learner.trainer.steps if self.learner.trainer is not None else 0
+        lockstep.same("learning a round", self.records_learned - before, steps)
         self.partitions.learned_through(mine)
         self.checkpoints.dirty = True
 
@@ -548,7 +557,8 @@ class Pipeline:
         s, checkpoints = self.settings, self.checkpoints
         marks: dict[int, int] | None = {}
         if self.dlq is not None:  # the dead letters of what was learned are delivered first
-            marks = self.dlq.wait_delivered(self.dlq.barrier(), s.shutdown_timeout_s)
+            wait = min(s.shutdown_timeout_s, s.collective_timeout_s / 2)  # the others wait meanwhile
+            marks = self.dlq.wait_delivered(self.dlq.barrier(), wait)
         trainer = self.learner.trainer
         own = self.partitions.to_commit()
         mine = {
@@ -570,12 +580,26 @@ class Pipeline:
         checkpoints.last_written = time.time()
         self.metrics.snapshot_version.set(version)
         crash_point("lockstep.published")
-        checkpoints.commit_offsets(self.consumer, own, asynchronous=not final)
+        if final:
+            self._commit_bounded(own)
+        else:
+            checkpoints.commit_offsets(self.consumer, own, asynchronous=True)
+
+    def _commit_bounded(self, offsets: Offsets) -> None:
+        """A last synchronous commit, given up after --shutdown-timeout-s (the snapshot has them)."""
+        commit = self.checkpoints.commit_offsets
+        timeout = self.settings.shutdown_timeout_s
+        run_bounded(
+            lambda: commit(self.consumer, offsets, asynchronous=False), timeout, "committing the offsets"
+        )
 
     def _write_aligned(self, everyone: list[dict[str, Any]]) -> int:
         """Rank 0: write the snapshot of a round boundary; its version, 0 when not written, -1
         when the ranks' weights differ (which lockstep makes impossible, and this proves)."""
         s = self.settings
+        if self.aligned_write is not None and not self.aligned_write.done():
+            log.warning("the last snapshot is still being written: none more until it is")
+            return 0
         if not all(rank["ok"] for rank in everyone):
             log.warning("a rank's dead letters were not delivered in time: no snapshot this time")
             return 0
@@ -602,6 +626,7 @@ class Pipeline:
             extra["dlq"] = DeadLetterMarks(topic=self.dlq.topic, marks=dict(sorted(marks.items())))
         started = time.monotonic()
         future = self.checkpoints.writer.submit(s.model_name, tensors, content, lambda: extra)
+        self.aligned_write = future
         try:  # the other ranks wait meanwhile, for --collective-timeout-s at most
             snapshot = future.result(timeout=min(s.shutdown_timeout_s, s.collective_timeout_s / 2))
         except FutureTimeout:  # it may still be published: a whole snapshot, its offsets not committed

@@ -5,7 +5,8 @@ from. A batch whose loss or gradient is not finite leaves the model untouched.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -321,7 +322,12 @@ class Trainer:
         raised = False
         try:
             if share.stop > share.start:
-                part = self.loss.per_record(self.model(x[share], None if c is None else c[share]), y[share])
+                if self.modal:  # dropout: draws of this rank's own for this step (see _rank_draws)
+                    with self._rank_draws(reducer.rank):
+                        out = self.model(x[share], None if c is None else c[share])
+                else:
+                    out = self.model(x[share], None if c is None else c[share])
+                part = self.loss.per_record(out, y[share])
                 loss = (part * weights[share]).sum() / weights.sum().clamp_min(1e-12)
             if self.l1 and reducer.rank == 0:  # once, not once per rank
                 loss = loss + self.l1 * sum(p.abs().sum() for p in self.penalized)
@@ -331,6 +337,15 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raised = True
         return reducer.reduce(self.parameters, self.sparse, loss, raised)
+
+    @contextmanager
+    def _rank_draws(self, rank: int) -> Iterator[None]:
+        """Dropout's draws for a rank's share of a step, from a generator seeded by the rank and the
+        step, so that torch's global generator (which a model reset draws from) stays the same on
+        every rank, and a run resumed from a snapshot draws what the uninterrupted one drew."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.steps * 1_000_003 + rank)
+            yield
 
     def _clip_gradients(self) -> Tensor:
         """The gradients' total norm, after clipping them to --clip-grad-norm if set.
