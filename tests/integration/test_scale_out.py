@@ -229,8 +229,12 @@ def test_kill_9_of_random_ranks_loses_and_repeats_nothing_and_ends_as_the_uninte
             break  # too close to the end for a kill to interrupt anything
         time.sleep(rng.uniform(0.0, 0.8))
         os.kill(rng.choice(ranks_of(process)), signal.SIGKILL)
-        killed_at = time.monotonic()
+        killed_at, killed_at_ms = time.monotonic(), time.time() * 1000
         learned = wait_learned(snapshots, learned + 1, process, log, timeout_s=60).records_trained
+        while (meta := newest_meta(snapshots)) is None or meta.created_at_ms <= killed_at_ms + 500:
+            assert time.monotonic() - killed_at < 60, "no snapshot begun after the kill"  # by the new group
+            time.sleep(0.05)
+        learned = meta.records_trained
         recoveries.append(time.monotonic() - killed_at)
     meta = wait_learned(snapshots, valid, process, log)
     stop(process)
