@@ -205,7 +205,7 @@ class Pipeline:
             )
             self.checkpoints.dlq = self.dlq
             # A run that crashed may have dead-lettered records after its last snapshot: find them.
-            found = already_dead_lettered(s.bootstrap, s.kafka, s.dead_letter_topic, self.dlq_marks)
+            found = self._dead_lettered(s.dead_letter_topic)
             learned = self.partitions.learned
             self.skip_dead_letters = {src for src in found if src[2] >= learned.get((src[0], src[1]), 0)}
             if self.join is not None:  # a joined record's source may lie before the offsets: its
@@ -227,6 +227,20 @@ class Pipeline:
             topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
         return consumer
+
+    def _dead_lettered(self, topic: str) -> set[Source]:
+        """The sources of the dead letters sent after the snapshot's marks; with many ranks, rank 0
+        reads the topic once for all of them."""
+        s, lockstep = self.settings, self.lockstep
+        if lockstep is None:
+            return already_dead_lettered(s.bootstrap, s.kafka, topic, self.dlq_marks)
+        found = (
+            already_dead_lettered(s.bootstrap, s.kafka, topic, self.dlq_marks)
+            if lockstep.rank == 0
+            else set()
+        )
+        shared = lockstep.broadcast_json(sorted(found), at_start=True)
+        return {(topic_, partition, offset) for topic_, partition, offset in shared}
 
     def _owned(self) -> list[int]:
         """The topic's partitions this rank reads (p mod ranks == rank); too few is an error."""
