@@ -21,6 +21,7 @@ from streamlearn.snapshots import (
     open_store,
 )
 from streamlearn.snapshots import objects as object_backend
+from streamlearn.snapshots import store as store_module
 from streamlearn.snapshots.objects import ObjectSnapshotStore
 
 
@@ -76,7 +77,8 @@ def test_an_empty_store_has_no_models_and_no_versions(location):
     assert store.models() == [] and store.versions("m") == [] and store.load_latest("m") is None
 
 
-def test_only_the_newest_k_are_kept(location):
+def test_only_the_newest_k_are_kept(location, monkeypatch):
+    monkeypatch.setattr(store_module, "STALE_CLAIM_S", -1.0)  # every claim is old: all but the newest go
     store = open_store(location, keep=3)
     for i in range(7):
         store.save("m", tensors(i), SnapshotContent())
@@ -84,7 +86,8 @@ def test_only_the_newest_k_are_kept(location):
     assert store.save("m", tensors(), SnapshotContent()).version == 8
     fs, root = raw(store)
     assert sorted(path.rsplit("/", 1)[-1] for path in fs.ls(f"{root}/m", detail=False)) == [
-        f"{v:012d}" for v in (6, 7, 8)
+        ".claimed-000000000008",
+        *(f"{v:012d}" for v in (6, 7, 8)),
     ]
 
 
@@ -169,6 +172,58 @@ def test_concurrent_writers_never_share_a_version(location):
     for version in saved:  # each version is whole: one writer's weights under its own meta.json
         snapshot = stores[0].load("m", version)
         assert torch.equal(snapshot.tensors["model.w"], tensors(snapshot.meta.writer)["model.w"])
+
+
+def delete_versions(store: SnapshotStore, *versions: int) -> None:
+    """Delete published versions whole, as an operator would (rm -r, aws s3 rm --recursive)."""
+    fs, root = raw(store)
+    for version in versions:
+        fs.rm(f"{root}/m/{version:012d}", recursive=True)
+
+
+@pytest.mark.parametrize("deleted", ["newest", "all"])
+def test_a_deleted_version_number_is_never_reused(location, deleted):
+    store = open_store(location)
+    for i in range(3):
+        store.save("m", tensors(i), SnapshotContent())
+    delete_versions(store, *([3] if deleted == "newest" else [1, 2, 3]))
+    assert store.versions("m") == ([1, 2] if deleted == "newest" else [])
+    restarted = open_store(location)  # a restarted trainer knows only what the store holds
+    assert restarted.save("m", tensors(9.0), SnapshotContent()).version == 4
+    assert restarted.versions("m") == ([1, 2, 4] if deleted == "newest" else [4])
+
+
+def test_version_numbers_outlive_pruning_and_deletion(location):
+    store = open_store(location, keep=2)
+    for i in range(5):
+        store.save("m", tensors(i), SnapshotContent())
+    assert store.versions("m") == [4, 5]
+    delete_versions(store, 5)
+    assert store.save("m", tensors(), SnapshotContent()).version == 6
+    delete_versions(store, 4, 6)
+    assert open_store(location, keep=2).save("m", tensors(), SnapshotContent()).version == 7
+    assert store.versions("m") == [7]
+
+
+def test_a_writer_that_dies_between_claim_and_publish_leaves_a_gap(location, monkeypatch):
+    store = open_store(location)
+    store.save("m", tensors(1.0), SnapshotContent())
+
+    def die(*args: object) -> bool:
+        raise OSError("the writer died before publishing")
+
+    monkeypatch.setattr(store, "_publish", die)
+    with pytest.raises(OSError):
+        store.save("m", tensors(2.0), SnapshotContent())
+    assert store.versions("m") == [1]
+    assert open_store(location).save("m", tensors(3.0), SnapshotContent()).version == 3
+
+
+def test_old_claims_are_pruned_but_never_the_newest():
+    from streamlearn.snapshots.store import stale_claims
+
+    ages = {1: 61.0, 2: 5.0, 3: 3600.0, 4: None, 5: 3600.0}
+    assert sorted(stale_claims(ages)) == [1, 3]  # 5 holds the count; 2 may be a writer deciding
 
 
 def test_background_writer_saves_off_the_calling_thread(location):

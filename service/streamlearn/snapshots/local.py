@@ -2,6 +2,8 @@
 
 A snapshot is assembled in a hidden temporary directory, fsynced, and renamed into place, so a
 reader sees a whole snapshot or none, and a crash leaves at most a temporary directory behind.
+A version's number is claimed first, with an empty file <root>/<model>/.claimed-<version>
+created exclusively (O_EXCL), so no two writers, and no writer after a deletion, share one.
 """
 
 import errno
@@ -14,7 +16,14 @@ from pathlib import Path
 from streamlearn.errors import SnapshotError
 from streamlearn.faults import crash_point
 from streamlearn.snapshots.meta import WEIGHTS
-from streamlearn.snapshots.store import SERVING, SnapshotStore, version_name
+from streamlearn.snapshots.store import (
+    SERVING,
+    SnapshotStore,
+    claim_name,
+    claimed_version,
+    stale_claims,
+    version_name,
+)
 
 STALE_TMP_S = 60  # a temporary directory this old belongs to a crashed writer
 
@@ -76,15 +85,42 @@ class LocalSnapshotStore(SnapshotStore):
         for version in published:
             if version not in kept:
                 shutil.rmtree(model_dir / version_name(version), ignore_errors=True)
+        claims: dict[int, float | None] = {}
         for entry in os.scandir(model_dir):
-            if not entry.name.startswith(".tmp-"):
+            claimed = claimed_version(entry.name)
+            if claimed is None and not entry.name.startswith(".tmp-"):
                 continue
             try:
                 age = time.time() - entry.stat().st_mtime
             except FileNotFoundError:  # a concurrent writer just published (renamed) or removed it
                 continue
-            if age > STALE_TMP_S:
+            if claimed is not None:
+                claims[claimed] = age
+            elif age > STALE_TMP_S:
                 shutil.rmtree(entry.path, ignore_errors=True)
+        for version in stale_claims(claims):
+            (model_dir / claim_name(version)).unlink(missing_ok=True)
+
+    def _taken(self, model_name: str) -> int:
+        try:
+            entries = os.scandir(self.root / model_name)
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
+        with entries:
+            names = [entry.name for entry in entries]
+        published = (int(name) for name in names if name.isdigit())
+        claimed = (claimed_version(name) or 0 for name in names)
+        return max([*published, *claimed, 0])
+
+    def _claim(self, model_name: str, version: int) -> bool:
+        model_dir = self.root / model_name
+        model_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(model_dir / claim_name(version), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            return False
+        _fsync_dir(model_dir)  # the claim is durable before the version it takes can be
+        return True
 
     def _weights_name(self) -> str:
         return WEIGHTS

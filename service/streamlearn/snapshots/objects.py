@@ -4,7 +4,9 @@ Layout under the URL's prefix: <model>/<version>/{weights-<token>.safetensors, m
 Objects cannot be renamed, so meta.json is the commit point: the weights go first under a
 name no other writer uses, then meta.json is created only if absent (S3's If-None-Match: *).
 A version without meta.json is not published; if two writers race for a version, exactly one
-meta.json wins and the loser deletes its weights and takes the next version. Credentials and
+meta.json wins and the loser deletes its weights and takes the next version. Before all that the
+writer claims the version's number, creating <model>/.claimed-<version> only if absent, so no
+number is ever published twice, even after its version was deleted. Credentials and
 endpoint come from the usual AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_REGION, AWS_ENDPOINT_URL_S3) or an instance role, never from Streamlearn's own settings.
 """
@@ -17,7 +19,16 @@ from typing import Any
 
 from streamlearn.errors import SnapshotError, SnapshotStoreUnavailable
 from streamlearn.faults import crash_point
-from streamlearn.snapshots.store import META, SERVING, VERSION_DIGITS, SnapshotStore, version_name
+from streamlearn.snapshots.store import (
+    META,
+    SERVING,
+    VERSION_DIGITS,
+    SnapshotStore,
+    claim_name,
+    claimed_version,
+    stale_claims,
+    version_name,
+)
 
 STALE_UNPUBLISHED_S = 60  # unpublished weights this old belong to a crashed writer
 
@@ -77,27 +88,50 @@ class ObjectSnapshotStore(SnapshotStore):
         directories = (entry["name"].rstrip("/") for entry in entries if entry["type"] == "directory")
         return sorted(name for name in (path.rsplit("/", 1)[-1] for path in directories) if name[0] != ".")
 
-    def _objects(self, model_name: str) -> dict[int, dict[str, dict[str, Any]]]:
-        """Every object of a model, by version, then by file name, in one listing."""
+    def _listing(
+        self, model_name: str
+    ) -> tuple[dict[int, dict[str, dict[str, Any]]], dict[int, dict[str, Any]]]:
+        """Every object of a model in one listing: by version, then by file name; and the claims."""
         prefix = f"{self.root}/{model_name}/"
         try:
             found = self.fs.find(prefix, detail=True)
         except FileNotFoundError:
-            return {}
+            return {}, {}
         except Exception as exc:
             raise self._unavailable(f"listing {model_name}", exc) from None
         by_version: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
+        claims: dict[int, dict[str, Any]] = {}
         for path, info in found.items():
             version, _, name = path[len(prefix) :].partition("/")
             if len(version) == VERSION_DIGITS and version.isdigit() and name and "/" not in name:
                 by_version[int(version)][path.rsplit("/", 1)[-1]] = info
-        return by_version
+            elif not name and (claimed := claimed_version(version)) is not None:
+                claims[claimed] = info
+        return by_version, claims
+
+    def _objects(self, model_name: str) -> dict[int, dict[str, dict[str, Any]]]:
+        """Every object of a model, by version, then by file name, in one listing."""
+        return self._listing(model_name)[0]
 
     def versions(self, model_name: str) -> list[int]:
         return sorted(version for version, files in self._objects(model_name).items() if META in files)
 
+    def _taken(self, model_name: str) -> int:
+        objects, claims = self._listing(model_name)
+        published = (version for version, files in objects.items() if META in files)
+        return max([*published, *claims, 0])
+
+    def _claim(self, model_name: str, version: int) -> bool:
+        try:
+            self.fs.pipe_file(f"{self.root}/{model_name}/{claim_name(version)}", b"", mode="create")
+        except FileExistsError:
+            return False
+        except Exception as exc:
+            raise self._unavailable(f"claiming {model_name} v{version}", exc) from None
+        return True
+
     def prune(self, model_name: str) -> None:
-        objects = self._objects(model_name)
+        objects, claims = self._listing(model_name)
         published = sorted(version for version, files in objects.items() if META in files)
         kept = self.kept(model_name, published)
         doomed = []
@@ -109,6 +143,8 @@ class ObjectSnapshotStore(SnapshotStore):
                 age = _age_s(info)
                 if META in files or (age is not None and age > STALE_UNPUBLISHED_S):
                     doomed.append(f"{prefix}/{name}")
+        ages = {version: _age_s(info) for version, info in claims.items()}
+        doomed += [f"{self.root}/{model_name}/{claim_name(v)}" for v in stale_claims(ages)]
         if doomed:
             try:
                 self.fs.rm(doomed)

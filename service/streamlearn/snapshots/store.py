@@ -3,8 +3,13 @@
 A snapshot is up to three files in one version: the model's weights (safetensors), the rest of
 the training state (optimizer, replay, drift detectors; safetensors, which the server never
 reads) and meta.json, which carries both files' names and SHA-256. A backend supplies the
-storage primitives (list, read, publish, prune); saving, checking and choosing the newest good
-version live here, once.
+storage primitives (list, claim, read, publish, prune); saving, checking and choosing the newest
+good version live here, once.
+
+A version number is never reused, even after its snapshot is deleted: a writer first claims the
+next number by creating <model>/.claimed-<version> only if absent, and the next number is one
+more than the highest claimed or published. Pruning keeps the newest claim for good, so deleting
+the newest version (or all of them) by hand leaves the count where it was.
 """
 
 import hashlib
@@ -32,6 +37,8 @@ SERVING = "serving.json"  # per model, beside its versions: pins and the promoti
 MODEL_PREFIX = "model."  # the tensors of the weights file; the rest are the training state
 VERSION_DIGITS = 12  # versions are zero-padded, so names sort as numbers do
 CLAIM_ATTEMPTS = 10  # writers racing for a version back off at random, 10 ms to 5 s
+CLAIM_PREFIX = ".claimed-"  # + a version's name: that number is taken for good, published or not
+STALE_CLAIM_S = 60.0  # an older claim below the newest is deleted: no writer still acts on it
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,26 @@ class Snapshot:
 
 def version_name(version: int) -> str:
     return f"{version:0{VERSION_DIGITS}d}"
+
+
+def claim_name(version: int) -> str:
+    return CLAIM_PREFIX + version_name(version)
+
+
+def claimed_version(name: str) -> int | None:
+    """The version a claim's file name takes; None for any other name."""
+    number = name[len(CLAIM_PREFIX) :]
+    if name.startswith(CLAIM_PREFIX) and len(number) == VERSION_DIGITS and number.isdigit():
+        return int(number)
+    return None
+
+
+def stale_claims(ages: dict[int, float | None]) -> list[int]:
+    """The claims pruning deletes, from each claim's age in seconds: never the newest (it holds
+    the count), and an older one only once no writer can still be deciding on its number
+    (a writer that listed before it was made and claims after it was deleted would reuse it)."""
+    newest = max(ages, default=0)
+    return [v for v, age in ages.items() if v < newest and age is not None and age > STALE_CLAIM_S]
 
 
 class SnapshotStore(ABC):
@@ -76,6 +103,14 @@ class SnapshotStore(ABC):
     @abstractmethod
     def prune(self, model_name: str) -> None:
         """Keep the newest `keep` versions; clear what a crashed writer left behind."""
+
+    @abstractmethod
+    def _taken(self, model_name: str) -> int:
+        """The highest version ever claimed or published that is still on record; 0 for none."""
+
+    @abstractmethod
+    def _claim(self, model_name: str, version: int) -> bool:
+        """Take `version` for good if no writer ever has (False if one has), durably."""
 
     @abstractmethod
     def _weights_name(self) -> str:
@@ -139,7 +174,11 @@ class SnapshotStore(ABC):
         weights_name = self._weights_name()
         training_name = weights_name.replace("weights", "training", 1)
         for attempt in range(CLAIM_ATTEMPTS):
-            version = (self.latest_version(model_name) or 0) + 1
+            # Claimed before it is written: a crash in between leaves a gap, never a reused number.
+            version = self._taken(model_name) + 1
+            if not self._claim(model_name, version):
+                time.sleep(random.uniform(0, 0.01 * 2**attempt))  # another writer took it first
+                continue
             created = time.time()
             meta = SnapshotMeta(
                 **content.model_dump(),
@@ -166,7 +205,7 @@ class SnapshotStore(ABC):
             if self._publish(model_name, version, files):
                 self.prune(model_name)
                 return Snapshot(model_name, version, meta, tensors)
-            # Another writer published this version first: back off a random while, take the next.
+            # A writer that does not claim (an older release) published it first: take the next.
             time.sleep(random.uniform(0, 0.01 * 2**attempt))
         raise SnapshotError(f"could not claim a new snapshot version for {model_name}")
 
