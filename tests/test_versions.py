@@ -1,6 +1,8 @@
 """Versions you control: pins, unpins and rollbacks through the admin API, the promotion gate,
 and both kept in the store across restarts and replicas."""
 
+import shutil
+
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
@@ -129,6 +131,27 @@ def test_a_pin_survives_a_restart_is_shared_by_replicas_and_is_never_pruned(stor
     with serve(store) as restarted:
         wait_for(lambda: served_version(restarted) is not None)
         assert served_version(restarted) == 2
+
+
+def predictions(client: TestClient) -> tuple[int, list]:
+    answer = client.post("/v1/models/default:predict", json=INSTANCE).json()
+    return answer["model_version"], answer["predictions"]
+
+
+def test_replicas_agree_after_the_served_version_is_deleted(store):
+    """A deleted version's number is never published again: a replica that kept the deleted
+    weights and a fresh one never both answer with one number and different predictions."""
+    for _ in range(3):
+        publish(store)
+    with serve(store) as running:
+        wait_for(lambda: served_version(running) == 3)
+        shutil.rmtree(store.root / "default" / f"{3:012d}")  # an operator deletes the served version
+        assert running.get("/healthz").status_code == 200 and served_version(running) == 3  # keeps it
+        assert publish(store) == 4  # a different model, under a new number
+        wait_for(lambda: served_version(running) == 4, what="the running replica to take v4")
+        with serve(store) as fresh:
+            wait_for(lambda: served_version(fresh) == 4, what="a fresh replica to serve v4")
+            assert predictions(fresh) == predictions(running)
 
 
 def test_the_gate_holds_a_worse_snapshot_and_promotes_a_good_one(store):
