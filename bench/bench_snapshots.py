@@ -3,8 +3,9 @@ lookup (what each server poll does) and a load (a hot reload), in a directory an
 taking a snapshot costs the training loop itself.
 
 The S3 figures are against moto's server on loopback: they show the protocol's round trips
-(a save is two PUTs, a LIST and a prune; a poll is a LIST), not a real object store's latency,
-which adds some tens of milliseconds per request.
+(a save is a LIST, three PUTs: the version's claim, its weights and its meta.json, and a prune;
+a poll is a LIST), not a real object store's latency, which adds some tens of milliseconds per
+request.
 """
 
 import os
