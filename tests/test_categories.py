@@ -75,6 +75,8 @@ def test_declared_kinds_win_over_the_first_value():
         ({"amount": 1.0, "tags": "a"}, InvalidReason.WRONG_KIND),  # one string for a list
         ({"amount": 1.0, "tags": ["a", 2]}, InvalidReason.WRONG_KIND),
         ({"amount": 1.0, "tags": ["a", "b", "c", "d", "e"]}, InvalidReason.TOO_MANY_CATEGORIES),
+        ({"amount": 1.0, "merchant": "m" * 1025}, InvalidReason.CATEGORY_TOO_LONG),
+        ({"amount": 1.0, "tags": ["a", "é" * 513]}, InvalidReason.CATEGORY_TOO_LONG),  # 1,026 bytes
         ({"amount": 1.0, "merchant": "m", "colour": "red"}, InvalidReason.FEATURE_MISMATCH),
         ({"merchant": "m"}, InvalidReason.FEATURE_MISMATCH),  # a numeric feature is never optional
         ([1.0], InvalidReason.BAD_FEATURES),  # the list form is numbers only
@@ -84,6 +86,14 @@ def test_a_value_of_the_wrong_kind_is_rejected_with_its_reason(features, reason)
     batch = decode([value({"amount": 1.0, "merchant": "ok"}), value(features)])
     assert len(batch) == 1 and [r.reason for r in batch.rejected] == [reason]
     assert batch.rejected[0].index == 1
+
+
+def test_a_category_may_have_up_to_1024_bytes_of_utf8_on_both_paths():
+    longest = [value({"amount": 1.0, "merchant": "m" * 1024, "tags": ["é" * 512, "🙂" * 256]})] * 3
+    assert decode(longest).rejected == []
+    decoder = RecordDecoder(BINARY, SPEC, 10_000)
+    assert decoder._decode_fast(longest) is not None
+    assert decoder._decode_fast([*longest, value({"amount": 1.0, "tags": ["🙂" * 257]})]) is None
 
 
 def test_a_missing_category_null_or_empty_list_means_no_category():
@@ -270,6 +280,8 @@ def test_the_server_predicts_for_unseen_categories_and_refuses_wrong_kinds(tmp_p
         assert status["drift"]["unseen_categories"]["merchant"] >= 0
         wrong = predict([{"amount": 0.0, "merchant": 5}])
         assert wrong.status_code == 422 and "instance 0" in wrong.json()["error"]
+        huge = predict([{"amount": 0.0, "merchant": "x" * 5_000}])  # never served, never logged
+        assert huge.status_code == 422 and "more than 1024 bytes" in huge.json()["error"]
 
 
 # -- drift ----------------------------------------------------------------------------------------

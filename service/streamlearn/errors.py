@@ -77,6 +77,7 @@ class InvalidReason(StrEnum):
     FEATURE_MISMATCH = "feature_mismatch"
     WRONG_KIND = "wrong_kind"  # a number where a category belongs, or the other way round
     TOO_MANY_CATEGORIES = "too_many_categories"  # a list longer than --max-categories
+    CATEGORY_TOO_LONG = "category_too_long"  # a category of more than MAX_CATEGORY_BYTES bytes
     NON_FINITE = "non_finite"
     MISSING_LABEL = "missing_label"
     BAD_LABEL = "bad_label"

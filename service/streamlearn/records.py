@@ -60,6 +60,7 @@ def fits_float32(value: int | float) -> bool:
 
 HASH_BUCKETS = 2**18  # rows of the hashed category table, by default
 MAX_CATEGORIES = 32  # strings in one multi-valued feature, by default
+MAX_CATEGORY_BYTES = 1024  # UTF-8 bytes of one category: a name, not a document (a bound on what is logged)
 EMBEDDING_DIM = 8
 
 
@@ -202,6 +203,7 @@ class FeatureSpec:
             if value is None:
                 rows.append(-1)  # no category
             elif isinstance(value, str):
+                _check_length(name, value)
                 rows.append(category_row(value, seed, buckets))
             else:
                 raise InvalidRecord(
@@ -223,6 +225,8 @@ class FeatureSpec:
                     f"feature {_preview(name)} has {len(value)} categories, "
                     f"the limit is {self.max_categories}",
                 )
+            for category in value:
+                _check_length(name, category)
             rows += [category_row(v, seed, buckets) for v in value]
             rows += [-1] * (self.max_categories - len(value))
         return rows
@@ -277,6 +281,21 @@ class FeatureSpec:
         if isinstance(features, list) and features:
             return cls(len(features))
         raise InvalidRecord(InvalidReason.BAD_FEATURES, "features must be a non-empty list or object")
+
+
+def _too_long(category: str) -> bool:
+    """Whether a category has more than MAX_CATEGORY_BYTES bytes of UTF-8 (encoded only if it may)."""
+    if len(category) <= MAX_CATEGORY_BYTES // 4:  # 4 bytes per code point at most
+        return False
+    return len(category) > MAX_CATEGORY_BYTES or len(category.encode("utf-8", "surrogatepass")) > MAX_CATEGORY_BYTES
+
+
+def _check_length(name: str, category: str) -> None:
+    if _too_long(category):
+        raise InvalidRecord(
+            InvalidReason.CATEGORY_TOO_LONG,
+            f"feature {_preview(name)} has a category of more than {MAX_CATEGORY_BYTES} bytes",
+        )
 
 
 def _kind(value: Any) -> str:
@@ -633,7 +652,7 @@ def _fast_categories(rows: list[dict[str, Any]], spec: FeatureSpec) -> np.ndarra
             value = row.get(name)
             if value is None:
                 out.append(-1)
-            elif type(value) is str:
+            elif type(value) is str and not _too_long(value):
                 out.append(category_row(value, seed, buckets))
             else:
                 return None
@@ -641,7 +660,7 @@ def _fast_categories(rows: list[dict[str, Any]], spec: FeatureSpec) -> np.ndarra
             value = row.get(name)
             if value is None:
                 value = []
-            elif type(value) is not list or len(value) > width:
+            elif type(value) is not list or len(value) > width or any(map(_too_long, value)):
                 return None
             out += [category_row(v, seed, buckets) for v in value]
             out += [-1] * (width - len(value))
