@@ -163,3 +163,54 @@ def test_every_id_ends_joined_expired_or_pending_never_twice(seed):
         else:
             seen += [j.prediction.id for j in join.add_label(lab(key, i), 0)]
     assert len(seen) == len(set(seen)) == join.counts["joined"]
+
+
+def test_one_timestamp_far_ahead_does_not_carry_the_idle_clock_along():
+    join = PartitionJoin(W, idle_ms=2_000, on_missing="negative")
+    join.add_prediction(p("a", 0), wall_ms=10_000)
+    join.add_label(lab("x", 0), wall_ms=10_000)
+    join.add_label(lab("µs", 2**52), wall_ms=10_000)  # a label stamped in microseconds
+    join.reached_end("prediction", 10_000)
+    join.reached_end("label", 10_000)
+    assert join.tick(12_000) == [] and join.tick(12_900) == []  # from where the clock stood
+    assert join.clock == 900 and list(join.predictions) == ["a"]
+    assert len(join.tick(13_001)) == 1  # a window of wall time later, as with no such label
+
+
+def test_the_clock_never_passes_the_present():
+    now = 1_000_000
+    join = PartitionJoin(W, idle_ms=2_000, now=lambda: now)
+    join.reached_end("label", 0)  # the labels say nothing: the log's clock alone
+    join.add_prediction(p("a", now - 500), wall_ms=2_500)
+    join.add_prediction(p("far", now + 10**12), wall_ms=2_500)
+    assert join.clock == now and list(join.predictions) == ["a", "far"]
+    join.add_prediction(p("b", now - 200), wall_ms=2_600)  # not expired on arrival
+    assert join.add_label(lab("b", now - 100), wall_ms=2_600)[0].label == 1
+
+
+def test_a_restored_clock_in_the_future_is_pulled_back_to_the_present():
+    broken = PartitionJoin(W, idle_ms=None)
+    broken.add_prediction(p("far", 2**52), 0)
+    broken.add_label(lab("far2", 2**52), 0)
+    assert broken.clock == 2**52
+    now = 1_000_000
+    join = PartitionJoin(W, idle_ms=None, now=lambda: now)
+    join.restore(json.loads(json.dumps(broken.state())))
+    assert join.clock == now and max(join.newest.values()) == now
+    join.add_prediction(p("a", now - 10), 0)
+    assert join.counts["expired"] == 0 and join.add_label(lab("a", now - 5), 0)[0].label == 1
+
+
+def test_pending_bytes_follow_every_entry_and_the_oldest_is_evicted_first():
+    join = PartitionJoin(W, idle_ms=None)
+    join.add_label(Label("l", 5, 1, size=100), 0)
+    join.add_prediction(Logged("b", 3, [1.0], size=1_000), 0)
+    join.add_prediction(Logged("c", 8, [1.0], size=10), 0)
+    assert join.pending_bytes == 1_110
+    join.evict_oldest()  # b, the oldest of either side
+    assert list(join.predictions) == ["c"] and join.pending_bytes == 110 and join.counts["evicted"] == 1
+    join.add_prediction(Logged("l", 6, [1.0], size=7), 0)  # joins l: both leave
+    assert join.pending_bytes == 10
+    restored = PartitionJoin(W, idle_ms=None)
+    restored.restore(json.loads(json.dumps(join.state(refs=True))))
+    assert restored.pending_bytes == 10 and restored.predictions["c"].features is None

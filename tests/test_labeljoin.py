@@ -56,6 +56,16 @@ class Topics:
         return self.msg(LABELS, {"id": key, "ts": ts, "label": label, **extra})
 
 
+def reader(messages: list[Msg]):
+    """A reread of the prediction log that these messages are of: {(partition, offset): value}."""
+    log = {(m.partition_, m.offset_): m.value_ for m in messages if m.topic_ == LOG}
+
+    def reread(wanted):
+        return {(p, o): log[(p, o)] for p, offsets in wanted.items() for o in offsets if (p, o) in log}
+
+    return reread
+
+
 def join_of(task: str = "binary", classes: tuple[str, ...] = (), **kwargs) -> LabelJoin:
     settings = {"window_ms": 1_000, "idle_ms": None, "batch_size": 4, **kwargs}
     return LabelJoin(LOG, LABELS, "m", LabelSpec.create(task, classes), **settings)
@@ -197,7 +207,7 @@ def test_the_state_round_trips_and_the_join_goes_on_as_if_uninterrupted():
     first = join_of(on_missing="negative")
     got = run(first, stream[:700])
     second = join_of(on_missing="negative")
-    second.restore(first.state())
+    second.restore(first.state(), reader(stream))
     got += run(second, stream[700:])
     assert got == expected
     assert second.summary() == whole.summary()
@@ -205,3 +215,50 @@ def test_the_state_round_trips_and_the_join_goes_on_as_if_uninterrupted():
         second.outcomes()["joined"]
         == whole.summary()["counts"]["joined"] - first.summary()["counts"]["joined"]
     )
+
+
+NOW = 1_765_000_000_000  # epoch ms, the trainer's clock in the tests below
+
+
+def test_a_ts_far_past_the_trainers_clock_is_refused_and_moves_no_clock():
+    join, t = join_of(idle_ms=2_000, on_missing="negative", now_ms=lambda: NOW), Topics()
+    assert join.feed([t.entry("a", NOW - 100), t.label("x", NOW - 100)], wall_ms=0) == []
+    microseconds, ahead = t.label("b", NOW * 1000), t.entry("c", NOW + 301_000)
+    refused = join.feed([microseconds, ahead, t.label("skewed", NOW + 299_000)], wall_ms=0)
+    assert [(m, r.reason) for m, r in refused] == [
+        (microseconds, InvalidReason.BAD_JOIN_FIELD),
+        (ahead, InvalidReason.BAD_JOIN_FIELD),
+    ]
+    assert "past the trainer's clock" in refused[0][1].detail
+    for key in ((LOG, 0), (LABELS, 0)):
+        join.reached_end(key, 0)
+    assert join.tick(5_000) is False  # both idle: the clock moved on, a still waits
+    join.feed([t.label("a", NOW)], wall_ms=5_000)
+    assert [r.id for batch in join.batches(whole=False) for r in batch] == ["a"]
+    assert join.outcomes()["imputed"] == 0
+
+
+def test_waiting_entries_are_bounded_in_bytes_oldest_evicted_counted():
+    join, t = join_of(max_pending_bytes=50_000), Topics()
+    big = ("x" * 10_000,)  # the join holds what the log says, whatever its kind
+    join.feed([t.entry(f"k{i}", i, features=big) for i in range(10)], 0)
+    assert join.pending_bytes() <= 50_000 and join.pending()["predictions"] == 4
+    assert join.outcomes()["evicted"] == 6
+    assert list(join.pairs[0].predictions) == ["k6", "k7", "k8", "k9"]
+
+
+def test_a_snapshot_keeps_waiting_predictions_as_offsets_and_restore_reads_them_again():
+    join, t = join_of(), Topics()
+    entries = [t.entry(f"k{i}", i, features=("x" * 100_000,)) for i in range(20)]
+    join.feed(entries, 0)
+    state = join.state()
+    assert join.pending_bytes() > 2_000_000 and len(state) < 3_000  # bytes per entry, not its features
+    restored = join_of()
+    restored.restore(state, reader(entries[5:]))  # the first five are gone from the log
+    assert list(restored.pairs[0].predictions) == [f"k{i}" for i in range(5, 20)]
+    assert restored.pairs[0].predictions["k7"] == join.pairs[0].predictions["k7"]
+    assert restored.pending_bytes() == join.pending_bytes() - 5 * entries[0].value_.__len__()
+    assert restored.summary()["counts"]["evicted"] == 5
+    restored.feed([t.label("k7", 10)], 0)
+    (record,) = restored.batches(whole=False)[0]
+    assert record.features == ["x" * 100_000]

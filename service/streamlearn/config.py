@@ -177,6 +177,20 @@ class _LabelJoin(_LabelsTopic, _PredictionLog):
         description="Predictions (and labels) waiting to be joined, per partition, at most; beyond it "
         "the oldest are evicted, counted.",
     )
+    join_max_pending_bytes: int = Field(
+        128 << 20,
+        ge=1 << 16,
+        description="Bytes of the messages waiting to be joined (all partitions together), at most; "
+        "beyond it the oldest of the partition holding the most are evicted, counted.",
+    )
+    join_max_skew_s: float = Field(
+        300.0,
+        gt=0,
+        le=86_400,
+        description="A prediction-log entry or label whose ts lies more than this past the trainer's "
+        "clock is refused (bad_join_field: a ts in microseconds, a wrong clock), and the join's clock "
+        "never passes the trainer's.",
+    )
     join_idle_s: float = Field(
         10.0,
         gt=0,

@@ -186,7 +186,8 @@ class TrainerMetrics:
             "streamlearn_join_outcomes_total",
             "What became of logged predictions and labels: joined, imputed (the negative label of a "
             "prediction whose label never came), expired (dropped unlabelled), orphaned (a label "
-            "without its prediction), late, duplicate, evicted (past --join-max-pending), other_model.",
+            "without its prediction), late, duplicate, evicted (past --join-max-pending or "
+            "--join-max-pending-bytes, or gone from the prediction log on restore), other_model.",
             ["outcome"],
             registry=registry,
         )
@@ -196,6 +197,11 @@ class TrainerMetrics:
             "streamlearn_join_pending",
             "Predictions and labels waiting for each other, by side (predictions, labels).",
             ["side"],
+            registry=registry,
+        )
+        self.join_pending_bytes = Gauge(
+            "streamlearn_join_pending_bytes",
+            "Bytes of the messages waiting in the label join (bounded by --join-max-pending-bytes).",
             registry=registry,
         )
         self.join_coverage = Gauge(

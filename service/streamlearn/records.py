@@ -287,7 +287,9 @@ def _too_long(category: str) -> bool:
     """Whether a category has more than MAX_CATEGORY_BYTES bytes of UTF-8 (encoded only if it may)."""
     if len(category) <= MAX_CATEGORY_BYTES // 4:  # 4 bytes per code point at most
         return False
-    return len(category) > MAX_CATEGORY_BYTES or len(category.encode("utf-8", "surrogatepass")) > MAX_CATEGORY_BYTES
+    if len(category) > MAX_CATEGORY_BYTES:
+        return True
+    return len(category.encode("utf-8", "surrogatepass")) > MAX_CATEGORY_BYTES
 
 
 def _check_length(name: str, category: str) -> None:

@@ -8,88 +8,56 @@ the pipeline decodes and learns like any micro-batch. The entry or label a recor
 its source: its offsets, its dead letter if the record is refused.
 
 A message of either topic that breaks its contract is refused with a reason (dead-lettered); an
-entry logged for another model is skipped, counted. Everything a restart needs (each pair's
-join state, the joined records not yet learned, the scores) is JSON, kept in the snapshot's
-training file, so the snapshot's offsets of both topics and the join's state always agree.
+entry logged for another model is skipped, counted; a `ts` more than `max_skew_ms` past the
+trainer's clock (microseconds, say) is refused, as it would carry the join's clock along. What
+waits is bounded in bytes too (`max_pending_bytes`, over all partitions): beyond it the oldest
+entry of the largest partition is evicted, counted.
+
+Everything a restart needs (each pair's join state, the joined records not yet learned, the
+scores) is JSON, kept in the snapshot's training file, so the snapshot's offsets of both topics
+and the join's state always agree. A waiting prediction is kept there as a reference to its
+offset in the prediction log, not as its features: the log is durable and holds them already,
+so every snapshot costs some bytes per waiting prediction whatever the clients sent, and restore()
+reads those entries again (an entry the log no longer holds is evicted, counted).
 
 Besides the records to learn it scores what was served: each logged prediction against the label
 that came for it (accuracy, or the squared error for regression), per served version.
 """
 
-import math
+import logging
+import time
 from collections import Counter, deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
-import xxhash
 
 from streamlearn.errors import InvalidReason, InvalidRecord
-from streamlearn.records import LabelSpec, Rejected, fits_float32, parse_json
+from streamlearn.records import LabelSpec, Rejected, fits_float32
 from streamlearn.train.join import OUTCOMES, Joined, Label, Logged, PartitionJoin
+from streamlearn.train.joinrecord import (
+    FINGERPRINT_SPACE,
+    MAX_TS,
+    JoinedRecord,
+    fingerprint,
+    join_id,
+    join_ts,
+    parsed,
+)
 from streamlearn.train.partitions import Consumed, Key, position
 
+log = logging.getLogger(__name__)
+
 PREDICTION, LABEL = "prediction", "label"
-MAX_ID_CHARS = 256  # as the server's prediction ids
 COVERAGE_WINDOW = 1_000  # predictions, for the fading join coverage
-FINGERPRINT_SPACE = 2**64
-MAX_TS = 2**53  # epoch ms far beyond any real time, still exact in a float
 SCORED_VERSIONS = 10  # the newest served versions scored (a bounded metric label)
+# Reads the prediction log's entries at these offsets, per partition: {(partition, offset): value}
+Reread = Callable[[Mapping[int, Sequence[int]]], Mapping[tuple[int, int], bytes | None]]
 
 
-@dataclass
-class JoinedRecord:
-    """A joined example, handled as a message: a record to decode and learn, and its source."""
-
-    id: str
-    features: Any
-    label: Any
-    weight: float
-    source: tuple[str, int, int]  # (topic, partition, offset) of the label, or of the entry imputed
-    imputed: bool = False
-    _value: bytes | None = field(default=None, repr=False, compare=False)
-
-    def topic(self) -> str:
-        return self.source[0]
-
-    def partition(self) -> int:
-        return self.source[1]
-
-    def offset(self) -> int:
-        return self.source[2]
-
-    def key(self) -> bytes:
-        return self.id.encode()
-
-    def headers(self) -> None:
-        return None
-
-    def value(self) -> bytes:
-        """The record the decoder reads: {"features", "label", "weight"}."""
-        if self._value is None:
-            record = {"features": self.features, "label": self.label, "weight": self.weight}
-            self._value = orjson.dumps(record)
-        return self._value
-
-    def to_json(self) -> list[Any]:
-        return [self.id, self.features, self.label, self.weight, list(self.source), self.imputed]
-
-    @classmethod
-    def from_json(cls, data: list[Any]) -> "JoinedRecord":
-        key, features, label, weight, (topic, partition, offset), imputed = data
-        return cls(key, features, label, float(weight), (topic, int(partition), int(offset)), bool(imputed))
-
-
-def fingerprint(pairs: Sequence[tuple[str, Any]]) -> int:
-    """An order-independent fingerprint of (id, label) pairs: the sum of their 64-bit hashes.
-
-    Two runs learned the same pairs (each as often) exactly when their fingerprints and counts
-    agree, whatever order they learned them in."""
-    total = 0
-    for key, label in pairs:
-        total += xxhash.xxh3_64_intdigest(orjson.dumps([key, label]))
-    return total % FINGERPRINT_SPACE
+def epoch_ms() -> float:
+    return time.time() * 1000
 
 
 @dataclass
@@ -114,9 +82,12 @@ class LabelJoin:
         *,
         on_missing: Literal["drop", "negative"] = "drop",
         max_pending: int = 100_000,
+        max_pending_bytes: int = 128 << 20,
         idle_ms: int | None = 10_000,
+        max_skew_ms: int = 300_000,
         max_record_bytes: int = 1 << 20,
         batch_size: int = 256,
+        now_ms: Callable[[], float] = epoch_ms,
     ) -> None:
         self.topics = {log_topic: PREDICTION, labels_topic: LABEL}
         self.model_name = model_name
@@ -126,7 +97,10 @@ class LabelJoin:
         # --task binary: class 0, by its name when the classes are named
         self.negative: Any = labels.classes[0] if labels.classes else 0
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         self.idle_ms = idle_ms
+        self.max_skew_ms = max_skew_ms
+        self.now_ms = now_ms
         self.max_record_bytes = max_record_bytes
         self.batch_size = batch_size
         self.pairs: dict[int, PartitionJoin] = {}
@@ -161,6 +135,7 @@ class LabelJoin:
                 refused.append((message, Rejected(0, exc.reason, exc.detail)))
                 continue
             self._queue(out, (topic, partition, offset))
+            self._fit()
         return refused
 
     def tick(self, wall_ms: float) -> bool:
@@ -168,7 +143,7 @@ class LabelJoin:
         imputes. Whether anything expired (the state to checkpoint changed)."""
         before = self._finished(), self.pending()
         for partition, join in self.pairs.items():
-            self._queue(join.tick(wall_ms), (self._log_topic, partition, -1))
+            self._queue(join.tick(wall_ms), (self.log_topic, partition, -1))
         return (self._finished(), self.pending()) != before
 
     def reached_end(self, key: Key, wall_ms: float) -> None:
@@ -210,6 +185,10 @@ class LabelJoin:
             "labels": sum(len(j.labels) for j in self.pairs.values()),
         }
 
+    def pending_bytes(self) -> int:
+        """The bytes of the messages waiting, the measure of --join-max-pending-bytes."""
+        return sum(j.pending_bytes for j in self.pairs.values())
+
     def summary(self) -> dict[str, Any]:
         """For the snapshot's meta.json and `streamlearn status`."""
         counts: Counter[str] = Counter()
@@ -218,6 +197,7 @@ class LabelJoin:
         return {
             "counts": {outcome: counts[outcome] for outcome in OUTCOMES} | {"other_model": self.other_models},
             "pending": self.pending(),
+            "pending_bytes": self.pending_bytes(),
             "coverage": self.coverage,
             "learned": self.learned,
             "fingerprint": f"{self.fingerprint:016x}",
@@ -240,7 +220,7 @@ class LabelJoin:
         """Everything a restart needs, as JSON (the snapshot keeps it beside the optimizer's state)."""
         return orjson.dumps(
             {
-                "pairs": {str(p): join.state() for p, join in self.pairs.items()},
+                "pairs": {str(p): join.state(refs=True) for p, join in self.pairs.items()},
                 "ready": [record.to_json() for record in self.ready],
                 "other_models": self.other_models,
                 "coverage": self.coverage,
@@ -252,7 +232,8 @@ class LabelJoin:
             }
         )
 
-    def restore(self, data: bytes) -> None:
+    def restore(self, data: bytes, reread: Reread | None = None) -> None:
+        """Take a state back, reading the waiting predictions again from the log with `reread`."""
         state = orjson.loads(data)
         self.pairs = {}
         for partition, pair in state["pairs"].items():
@@ -266,18 +247,51 @@ class LabelJoin:
         self.counted = Counter()
         self.outcomes()  # what the snapshot counted was reported by the run that wrote it
         self._covered = self._finished()
+        self._refill(reread)  # after: an entry gone from the log is this run's eviction to report
 
     # -- the steps ------------------------------------------------------------------------------
 
+    def _refill(self, reread: Reread | None) -> None:
+        """Replace the restored references with the prediction-log entries they point to."""
+        wanted = {
+            partition: [p.offset for p in join.predictions.values() if p.features is None]
+            for partition, join in self.pairs.items()
+        }
+        wanted = {partition: offsets for partition, offsets in wanted.items() if offsets}
+        if not wanted:
+            return
+        values = reread(wanted) if reread is not None else {}
+        lost = 0
+        for partition, join in self.pairs.items():
+            for key, ref in list(join.predictions.items()):
+                if ref.features is None:
+                    entry = self._reread_entry(values.get((partition, ref.offset)), ref.offset)
+                    lost += entry is None
+                    join.refill(entry, key)
+        if lost:
+            log.warning("label join: %d waiting predictions are no longer in the prediction log "
+                        "(its retention?): evicted", lost)  # fmt: skip
+
+    def _reread_entry(self, value: bytes | None, offset: int) -> Logged | None:
+        try:
+            return self._logged(value, offset) if value is not None else None
+        except InvalidRecord:
+            return None  # not what was joined: the topic was recreated
+
+    def _fit(self) -> None:
+        """Within the byte budget: evict the oldest entries of the partition holding the most."""
+        while self.pending_bytes() > self.max_pending_bytes:
+            max(self.pairs.values(), key=lambda join: join.pending_bytes).evict_oldest()
+
     @property
-    def _log_topic(self) -> str:
+    def log_topic(self) -> str:
         return next(topic for topic, side in self.topics.items() if side == PREDICTION)
 
     def _pair(self, partition: int) -> PartitionJoin:
         join = self.pairs.get(partition)
         if join is None:
             join = self.pairs[partition] = PartitionJoin(
-                self.window_ms, self.max_pending, self.on_missing, self.negative, self.idle_ms
+                self.window_ms, self.max_pending, self.on_missing, self.negative, self.idle_ms, self.now_ms
             )
         return join
 
@@ -285,7 +299,7 @@ class LabelJoin:
         for item in joined:
             entry = item.prediction
             # what completed the join, or the entry whose label never came
-            at = (self._log_topic, source[1], entry.offset) if item.imputed else source
+            at = (self.log_topic, source[1], entry.offset) if item.imputed else source
             self.ready.append(
                 JoinedRecord(entry.id, entry.features, item.label, item.weight, at, imputed=item.imputed)
             )
@@ -336,8 +350,8 @@ class LabelJoin:
 
     def _logged(self, value: bytes | None, offset: int) -> Logged | None:
         """A prediction-log entry, or None when it was logged for another model."""
-        entry = _parsed(value, self.max_record_bytes)
-        key, ts = _id(entry), _ts(entry)
+        entry = parsed(value, self.max_record_bytes)
+        key, ts = join_id(entry), self._ts(entry)
         model = entry.get("model")
         if model is not None and model != self.model_name:
             return None
@@ -347,11 +361,12 @@ class LabelJoin:
         version = entry.get("version", 0)
         if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < MAX_TS:
             raise InvalidRecord(InvalidReason.BAD_JOIN_FIELD, "version must be a non-negative integer")
-        return Logged(key, ts, features, version, entry.get("prediction"), offset=offset)
+        size = len(value or b"")
+        return Logged(key, ts, features, version, entry.get("prediction"), offset=offset, size=size)
 
     def _label(self, value: bytes | None) -> Label:
-        entry = _parsed(value, self.max_record_bytes)
-        key, ts = _id(entry), _ts(entry)
+        entry = parsed(value, self.max_record_bytes)
+        key, ts = join_id(entry), self._ts(entry)
         label = entry.get("label")
         self.labels.value(label)  # refused here, with its reason, rather than once joined
         weight = entry.get("weight", 1.0)
@@ -362,35 +377,16 @@ class LabelJoin:
             or weight < 0
         ):
             raise InvalidRecord(InvalidReason.BAD_WEIGHT, "weight must be a finite number >= 0 (float32)")
-        return Label(key, ts, label, float(weight))
+        return Label(key, ts, label, float(weight), size=len(value or b""))
 
-
-def _parsed(value: bytes | None, max_bytes: int) -> dict[str, Any]:
-    """A message value as a JSON object that can be written back as JSON: what the join keeps is
-    written into snapshots, records and dead letters, and the lenient reader takes what orjson
-    does not write (integers beyond 64 bits, lone surrogates, nesting deeper than 254)."""
-    entry = parse_json(value, max_bytes)
-    try:
-        orjson.dumps(entry)
-    except (orjson.JSONEncodeError, RecursionError):
-        detail = "value holds an integer beyond 64 bits, a lone surrogate or too deep a nesting"
-        raise InvalidRecord(InvalidReason.BAD_JSON, detail) from None
-    return entry
-
-
-def _id(entry: dict[str, Any]) -> str:
-    key = entry.get("id")
-    if not isinstance(key, str) or not 0 < len(key) <= MAX_ID_CHARS:
-        detail = f"id must be a string of 1 to {MAX_ID_CHARS} characters"
-        raise InvalidRecord(InvalidReason.BAD_JOIN_FIELD, detail)
-    return key
-
-
-def _ts(entry: dict[str, Any]) -> int:
-    ts = entry.get("ts")
-    if isinstance(ts, float) and math.isfinite(ts) and ts.is_integer():
-        ts = int(ts)
-    if not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts < MAX_TS:
-        detail = "ts must be epoch milliseconds (a non-negative integer)"
-        raise InvalidRecord(InvalidReason.BAD_JOIN_FIELD, detail)
-    return ts
+    def _ts(self, entry: dict[str, Any]) -> int:
+        """The entry's ts, refused when far in the future: it would carry the join's clock along."""
+        ts = join_ts(entry)
+        ahead = ts - self.now_ms()
+        if ahead > self.max_skew_ms:
+            detail = (
+                f"ts is {ahead / 1000:.0f} s past the trainer's clock (more than --join-max-skew-s): "
+                "epoch milliseconds?"
+            )
+            raise InvalidRecord(InvalidReason.BAD_JOIN_FIELD, detail)
+        return ts

@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec, RecordDeco
 from streamlearn.snapshots import DeadLetterMarks, Snapshot, SnapshotContent, open_store
 from streamlearn.train.checkpoint import Checkpointer, run_bounded
 from streamlearn.train.dlq import DeadLetterQueue, Source, already_dead_lettered
+from streamlearn.train.joinlog import reread
 from streamlearn.train.labeljoin import LabelJoin
 from streamlearn.train.learner import Learner
 from streamlearn.train.lockstep import Agreement, Lockstep, Shared, World, digest
@@ -108,6 +110,7 @@ class Pipeline:
             self.join = LabelJoin(
                 s.prediction_log_topic, s.labels_topic, s.model_name, labels, round(s.join_window * 1000),
                 on_missing=s.on_missing_label, max_pending=s.join_max_pending,
+                max_pending_bytes=s.join_max_pending_bytes, max_skew_ms=round(s.join_max_skew_s * 1000),
                 idle_ms=None if s.deterministic else round(s.join_idle_s * 1000),
                 max_record_bytes=s.max_record_bytes, batch_size=s.batch_size,
             )  # fmt: skip
@@ -168,8 +171,9 @@ class Pipeline:
         if s.resume_from == "group":  # keep the weights; positions come from Kafka (and join afresh)
             return snapshot
         state = snapshot.tensors.get(JOIN_STATE)
-        if self.join is not None and state is not None:
-            self.join.restore(state.numpy().tobytes())
+        if self.join is not None and state is not None:  # waiting predictions: read from the log again
+            log_reader = partial(reread, s.bootstrap, s.kafka, self.join.log_topic)
+            self.join.restore(state.numpy().tobytes(), log_reader)
         self.partitions.learned = {
             (topic, partition): offset
             for topic, partitions in snapshot.meta.offsets.items()

@@ -133,6 +133,7 @@ class Telemetry:
             m.join_outcomes.labels(outcome).inc(count)
         for side, count in join.pending().items():
             m.join_pending.labels(side).set(count)
+        m.join_pending_bytes.set(join.pending_bytes())
         if join.coverage is not None:
             m.join_coverage.set(join.coverage)
         for delay in join.delays_s:
