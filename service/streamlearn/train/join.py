@@ -239,7 +239,7 @@ class PartitionJoin:
 
     def _finish(self, key: str, joined: bool, ts: int) -> None:
         self.finished[key] = (joined, ts)
-        while len(self.finished) > self.max_pending:  # forgotten early: a label then is late
+        while len(self.finished) > self.max_pending:  # bounded too: the oldest are forgotten early
             self.finished.popitem(last=False)
 
     def _put(self, pending: OrderedDict[str, Any], key: str, entry: Logged | Label) -> None:
