@@ -177,6 +177,16 @@ def test_one_timestamp_far_ahead_does_not_carry_the_idle_clock_along():
     assert len(join.tick(13_001)) == 1  # a window of wall time later, as with no such label
 
 
+def test_with_a_side_that_never_spoke_idle_the_clock_moves_on_from_the_other():
+    join = PartitionJoin(W, idle_ms=2_000)
+    join.reached_end("label", 10_000)  # an empty labels topic, idle at the same time as the log
+    join.add_prediction(p("a", 0), wall_ms=10_000)
+    join.reached_end("prediction", 10_000)
+    assert join.tick(12_000) == [] and join.counts["expired"] == 0
+    join.tick(13_001)
+    assert join.counts["expired"] == 1
+
+
 def test_the_clock_never_passes_the_present():
     now = 1_000_000
     join = PartitionJoin(W, idle_ms=2_000, now=lambda: now)

@@ -278,8 +278,10 @@ class PartitionJoin:
         if active:
             return min(active)
         # Both idle: event time moves on with wall time from where it stood.
-        if self._idle_from is None:  # from the clock, not the newest timestamp: one record far
-            self._idle_from = (wall_ms, self.clock)  # ahead must not carry the clock along
+        if self._idle_from is None:  # from what both sides reached (a side that never spoke
+            # aside), not from the newest timestamp: one record far ahead must not carry the clock
+            reached = min((ts for ts in self.newest.values() if ts != NEVER), default=NEVER)
+            self._idle_from = (wall_ms, max(self.clock, reached))
         started_wall, started_clock = self._idle_from
         return int(started_clock + (wall_ms - started_wall))
 
