@@ -55,6 +55,7 @@ def create_app(settings: ServeSettings | None = None, registry: CollectorRegistr
         await freshness.start()
         yield
         await freshness.stop()
+        dataplane.close()
         if prediction_log is not None:
             await asyncio.to_thread(prediction_log.close)
 

@@ -155,5 +155,5 @@ def fast_routes(dataplane: DataPlane) -> list[Route]:
 
 
 async def _predict(dataplane: DataPlane, name: str, request: Request) -> Response:
-    body = dataplane.predict_v1(name, request.headers, await request.body())
+    body = await dataplane.run(dataplane.predict_v1, name, request.headers, await request.body())
     return Response(body, media_type="application/json")

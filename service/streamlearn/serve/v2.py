@@ -263,7 +263,9 @@ def _served(dataplane: DataPlane, request: Request) -> ServedModel:
 
 async def _infer(dataplane: DataPlane, request: Request) -> Response:
     name, version = request.path_params["name"], request.path_params.get("version")
-    body, header_length = dataplane.infer_v2(name, version, request.headers, await request.body())
+    body, header_length = await dataplane.run(
+        dataplane.infer_v2, name, version, request.headers, await request.body()
+    )
     if header_length is None:
         return Response(body, media_type="application/json")
     headers = {"Inference-Header-Content-Length": str(header_length)}
