@@ -1,11 +1,13 @@
 """The model contract: every architecture and task passes the same checks."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from streamlearn.errors import SnapshotMismatch
-from streamlearn.models import ARCHITECTURES, HEADS, Normalizer, build_model
+from streamlearn.models import ARCHITECTURES, HEADS, Normalizer, build_model, check_fits
 
 from .conftest import make_spec
 
@@ -51,6 +53,18 @@ def test_loading_weights_of_another_architecture_is_a_clear_error():
     linear = build_model(make_spec("binary", arch="linear"))
     with pytest.raises(SnapshotMismatch, match="do not fit a linear model"):
         linear.load_state(mlp.state())
+
+
+def test_weights_are_checked_against_a_spec_without_building_it():
+    spec = make_spec("binary", arch="mlp")
+    weights = build_model(spec).state()
+    check_fits(spec, weights)
+    # 2**40 hidden units: built, the first layer alone would take 12 TiB; checked, nothing is allocated.
+    huge = dataclasses.replace(spec, args={**spec.args, "hidden": [2**40]})
+    with pytest.raises(SnapshotMismatch, match=r"do not fit a mlp model: .*1099511627776"):
+        check_fits(huge, weights)
+    with pytest.raises(SnapshotMismatch, match="do not fit a linear model"):
+        check_fits(make_spec("binary", arch="linear"), weights)
 
 
 @pytest.mark.parametrize(("arch", "task"), CASES)

@@ -2,6 +2,7 @@
 
 import asyncio
 import gzip
+import json
 import math
 import time
 from datetime import datetime
@@ -184,6 +185,33 @@ def test_a_corrupt_newest_snapshot_is_not_served(client, store, tmp_path_factory
     assert client.get("/v1/models/default").json()["version"] == 1
     metrics = client.get("/metrics").text
     assert 'streamlearn_model_reload_failures_total{model="default"} 1.0' in metrics
+
+
+def test_a_meta_json_declaring_another_model_size_is_refused_before_the_model_is_built(
+    client, store, tmp_path_factory, monkeypatch
+):
+    from streamlearn.serve import registry
+
+    write_snapshot(store, "default", trained(REGRESSION), records=1)
+    wait_for(lambda: client.get("/readyz").status_code == 200)
+    built = []
+    monkeypatch.setattr(registry, "build_model", lambda spec: built.append(spec) or build_model(spec))
+    # Version 2's meta.json is edited to declare a wider model than its weights hold (its
+    # checksum covers the weights only), then the version is renamed into place.
+    beside = LocalSnapshotStore(tmp_path_factory.mktemp("beside"))
+    write_snapshot(beside, "default", trained(REGRESSION), records=1)
+    edited = write_snapshot(beside, "default", trained(REGRESSION), records=2)
+    version = beside.root / "default" / f"{edited.version:012d}"
+    meta = json.loads((version / "meta.json").read_text())
+    meta["model"]["args"]["hidden"] = meta["model"]["hidden"] = [4096, 4096]
+    (version / "meta.json").write_text(json.dumps(meta))
+    version.rename(store.root / "default" / version.name)
+    write_snapshot(store, "other", trained(REGRESSION))  # a later change the server must notice
+    wait_for(lambda: "other" in client.get("/v1/models").json()["models"])
+    assert client.get("/v1/models/default").json()["version"] == 1
+    metrics = client.get("/metrics").text
+    assert 'streamlearn_model_reload_failures_total{model="default"} 1.0' in metrics
+    assert [spec.args["hidden"] for spec in built] == [[8]]  # "other" only: version 2 never built
 
 
 def test_predict_requests_are_measured(client, store):

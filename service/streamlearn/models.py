@@ -307,10 +307,7 @@ class OnlineModel(nn.Module, ABC):
 
     def load_state(self, tensors: dict[str, Tensor]) -> None:
         expected = {name: tuple(t.shape) for name, t in self.state_dict().items()}
-        found = {name: tuple(t.shape) for name, t in tensors.items()}
-        if expected != found:
-            differing = sorted(set(expected.items()) ^ set(found.items()))[:4]
-            raise SnapshotMismatch(f"snapshot weights do not fit a {self.spec.arch} model: {differing}")
+        _check_shapes(expected, tensors, self.spec.arch)
         self.load_state_dict(tensors)
 
 
@@ -363,6 +360,21 @@ def architecture(arch: str) -> type[OnlineModel]:
     if arch not in ARCHITECTURES:
         raise SnapshotMismatch(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[arch]
+
+
+def check_fits(spec: ModelSpec, tensors: dict[str, Tensor]) -> None:
+    """SnapshotMismatch unless `tensors` have the shapes of a model of `spec`, found on the meta
+    device: no weight is allocated, so a spec declaring a huge model costs nothing to refuse."""
+    with torch.device("meta"):
+        model = architecture(spec.arch)(spec)
+    _check_shapes({name: tuple(t.shape) for name, t in model.state_dict().items()}, tensors, spec.arch)
+
+
+def _check_shapes(expected: dict[str, tuple[int, ...]], tensors: dict[str, Tensor], arch: str) -> None:
+    found = {name: tuple(t.shape) for name, t in tensors.items()}
+    if expected != found:
+        differing = sorted(set(expected.items()) ^ set(found.items()))[:4]
+        raise SnapshotMismatch(f"snapshot weights do not fit a {arch} model: {differing}")
 
 
 def build_model(spec: ModelSpec) -> OnlineModel:

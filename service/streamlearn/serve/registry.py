@@ -27,7 +27,7 @@ from streamlearn.errors import (
     VersionConflict,
 )
 from streamlearn.metrics import ServerMetrics
-from streamlearn.models import ModelSpec, OnlineModel, build_model
+from streamlearn.models import ModelSpec, OnlineModel, build_model, check_fits
 from streamlearn.serve.gate import PromotionGate, Verdict
 from streamlearn.serve.numpy_forward import NumpyForward
 from streamlearn.serve.quantize import quantization, quantized
@@ -51,8 +51,11 @@ class ServedModel:
         """The snapshot's model, checked, then quantized if asked (--quantize; quantize.py)."""
         if snapshot.meta.model is None:
             raise SnapshotError(f"snapshot {snapshot.model_name} v{snapshot.version} holds no model yet")
-        model = build_model(ModelSpec.from_dict(snapshot.meta.model))
-        model.load_state({k[6:]: v for k, v in snapshot.tensors.items() if k.startswith("model.")})
+        spec = ModelSpec.from_dict(snapshot.meta.model)
+        tensors = {k[6:]: v for k, v in snapshot.tensors.items() if k.startswith("model.")}
+        check_fits(spec, tensors)  # the weights' shapes before the model: meta.json may declare any size
+        model = build_model(spec)
+        model.load_state(tensors)
         if not all(torch.isfinite(t).all() for t in model.state_dict().values()):
             raise SnapshotError(f"snapshot {snapshot.model_name} v{snapshot.version} has non-finite weights")
         model = quantized(model.eval(), quantize)
