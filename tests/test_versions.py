@@ -118,6 +118,21 @@ def test_admin_errors_are_json_with_their_status(store):
         assert first.status_code == 409 and "earlier" in first.json()["error"]
 
 
+@pytest.mark.parametrize(
+    "body",
+    [{"version": True}, {"version": "1"}, {"version": 1.0}, {"version": 1, "force": True}, {"version": None}],
+)
+def test_a_pin_takes_a_json_integer_version_and_nothing_else(store, body):
+    publish(store)
+    publish(store)
+    with serve(store, admin_token=TOKEN) as client:
+        wait_for(lambda: served_version(client) == 2)
+        refused = client.post("/admin/models/default/pin", json=body, headers=AUTH)
+        assert refused.status_code == 422 and "error" in refused.json()
+        assert client.get("/v1/models/default").json()["pinned"] is None
+        assert served_version(client) == 2
+
+
 def test_a_pin_survives_a_restart_is_shared_by_replicas_and_is_never_pruned(store):
     for _ in range(3):
         publish(store)

@@ -11,7 +11,7 @@ import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from streamlearn.serve.errors import errors
 from streamlearn.serve.registry import ModelRegistry
@@ -28,6 +28,9 @@ ADMIN_ERRORS = {
 
 class PinRequest(BaseModel):
     """The version to serve, and keep serving, until unpinned."""
+
+    # Strict: a JSON integer, and nothing else; true or "1" would pin version 1, a typo'd field be ignored.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     version: int = Field(ge=1, examples=[12])
 
