@@ -208,35 +208,38 @@ def require_json(headers: Mapping[str, str], also: tuple[str, ...] = ()) -> None
 def parse_instances(body: bytes, max_instances: int) -> tuple[list[Any], str | None]:
     """The body's instances and id: 400 if it is not JSON, 422 if it is not a request or holds
     more than `max_instances` instances."""
-    # Counted before any is decoded: a large body (a pass over it costs little beside decoding),
-    # and any body msgspec refuses, before pydantic validates it.
-    counted = len(body) > OFF_LOOP_BYTES
-    if counted:
-        _refuse_too_many(count_instances(body), max_instances)
+    large = len(body) > OFF_LOOP_BYTES
+    if large:  # counted before any is decoded: a pass over it costs little beside decoding
+        _refuse_too_many(_raw_instances(body), max_instances)
     try:
         request: _FastRequest | PredictRequest = _FAST_REQUEST.decode(body)
-    except (msgspec.MsgspecError, RecursionError):
+    except msgspec.ValidationError as exc:
+        if large:  # pydantic would turn a large refused value into Python objects: seconds
+            raise BadRequest(f"not a predict request: {exc}") from None
+        _refuse_too_many(_raw_instances(body), max_instances)
         request = _EMPTY
-        if not counted:
-            _refuse_too_many(count_instances(body), max_instances)
-    # An empty list, like any body msgspec refuses, gets pydantic's word for what is wrong.
+    except (msgspec.DecodeError, RecursionError):
+        if large:
+            raise MalformedBody("request body is not valid JSON") from None
+        request = _EMPTY
+    # An empty list, like any small body msgspec refuses, gets pydantic's word for what is wrong.
     if not request.instances:
         request = parse_predict_request(body)
-    _refuse_too_many(len(request.instances), max_instances)
+    _refuse_too_many(request.instances, max_instances)
     return request.instances, request.id
 
 
-def count_instances(body: bytes) -> int | None:
-    """How many instances the body's list holds, without decoding them; None if it has no list."""
+def _raw_instances(body: bytes) -> list[msgspec.Raw] | None:
+    """The body's instances, each left undecoded; None if the body holds no list of them."""
     try:
-        return len(_COUNTED.decode(body).instances)
+        return _COUNTED.decode(body).instances
     except (msgspec.MsgspecError, RecursionError):
         return None
 
 
-def _refuse_too_many(count: int | None, max_instances: int) -> None:
-    if count is not None and count > max_instances:
-        raise BadRequest(f"too many instances: {count} > {max_instances}")
+def _refuse_too_many(instances: list[Any] | None, max_instances: int) -> None:
+    if instances is not None and len(instances) > max_instances:
+        raise BadRequest(f"too many instances: {len(instances)} > {max_instances}")
 
 
 def parse_predict_request(body: bytes) -> PredictRequest:
@@ -244,7 +247,7 @@ def parse_predict_request(body: bytes) -> PredictRequest:
     try:
         return PredictRequest.model_validate_json(body)
     except ValidationError as exc:
-        errors = exc.errors()
+        errors = exc.errors(include_input=False)  # a refused 4 MiB object would become Python's
         if any(error["type"] == "json_invalid" for error in errors):
             raise MalformedBody("request body is not valid JSON") from None
         raise BadRequest(first_error(errors)) from None
