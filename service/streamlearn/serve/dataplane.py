@@ -5,15 +5,17 @@ Every prediction is finite or refused with the instance that caused it. V2's ten
 decoded and encoded in v2_tensors.py.
 
 A body is decoded by msgspec into typed instances in one pass in C, and feature lists go
-straight into a float32 array; only a body msgspec refuses goes through pydantic, whose error
-names what is wrong, so both paths accept and refuse the same bodies with the same messages.
-A refused body's instances are counted (msgspec, without decoding them) before pydantic sees it,
-and pydantic stops at the first error of each list and object: a hostile body costs no more
-than a valid one of its size. The answer is encoded by orjson, arrays and all.
+straight into a float32 array; only a small body msgspec refuses goes through pydantic, whose
+error names what is wrong, so both paths accept and refuse the same bodies with the same
+messages. The answer is encoded by orjson, arrays and all.
 
-A body over OFF_LOOP_BYTES is decoded and predicted in one of OFF_LOOP_WORKERS threads, so the
-event loop keeps answering health checks and small predicts meanwhile; a small one stays on the
-loop, where a hand-off would cost more than the work.
+A hostile body costs no more than a valid one of its size. Instances are counted (msgspec,
+without decoding them) before a large body, or a refused one, is decoded or validated; pydantic
+stops at the first error of each list and object, and never sees a large body, whose refused
+values its errors would turn into Python objects (seconds for 4 MiB): msgspec's first error
+answers it. A body over OFF_LOOP_BYTES is decoded and predicted in one of OFF_LOOP_WORKERS
+threads, so the event loop keeps answering health checks and small predicts meanwhile; a small
+one stays on the loop, where a hand-off would cost more than the work.
 """
 
 import asyncio
