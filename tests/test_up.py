@@ -9,8 +9,9 @@ from streamlearn.dev import up
 
 
 class FakeProcess:
-    def __init__(self, argv, **_kwargs):
+    def __init__(self, argv, **kwargs):
         self.argv = argv
+        self.kwargs = kwargs
 
 
 def children(monkeypatch, tmp_path, settings: UpSettings, bootstrap: str) -> dict[str, object]:
@@ -44,6 +45,17 @@ def test_children_get_the_settings_up_shares_with_them(monkeypatch, tmp_path):
     assert (producer.stream, producer.rate, producer.topic) == ("blobs", 50, "demo")
     assert {server.log_level, trainer.log_level, producer.log_level} == {"debug"}
     assert "hunter2" not in found["argv"]  # credentials reach the children by their environment only
+
+
+@pytest.mark.skipif(not up.sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_every_child_is_set_to_die_with_up(monkeypatch, tmp_path):
+    # A kill -9 of `up` gives it no chance to stop them (tests/integration/test_cli.py kills one).
+    settings = UpSettings(demo=True, bootstrap="kafka:9092", snapshot_dir=str(tmp_path / "snaps"))
+    monkeypatch.setattr(up.subprocess, "Popen", FakeProcess)
+    supervisor = up.Supervisor(settings, tmp_path)
+    supervisor._spawn("server", "serve", COMMANDS["serve"][0], {})
+    (child,) = supervisor.children
+    assert child.process.kwargs["start_new_session"] and callable(child.process.kwargs["preexec_fn"])
 
 
 def test_without_the_demo_the_trainer_learns_the_task_given(monkeypatch, tmp_path):

@@ -7,10 +7,11 @@ import sys
 
 import httpx
 
-from streamlearn.dev.broker import free_port
+from streamlearn.dev.broker import ensure_port_free, free_port
 from streamlearn.snapshots import LocalSnapshotStore
 
 from ..conftest import wait_for
+from ..test_lifeline import children_of, running
 from .conftest import FAST_GROUP, committed, track
 
 FAST_ENV = {
@@ -91,3 +92,27 @@ def test_up_demo_runs_everything_and_the_served_model_improves(tmp_path):
     assert again.returncode == 0, err
     second = LocalSnapshotStore(tmp_path / "snapshots").load_latest("default")
     assert second.meta.records_trained > snapshot.meta.records_trained + 1000  # it learned again
+
+
+def test_a_broker_killed_with_sigkill_takes_its_broker_process_with_it():
+    port = free_port()
+    broker = streamlearn("broker", "--broker-port", str(port))
+    assert "listening" in broker.stdout.readline()
+    (child,) = children_of(broker.pid)
+    broker.kill()
+    broker.wait()
+    wait_for(lambda: not running(child), 10, what="the broker process to die with `streamlearn broker`")
+    ensure_port_free("127.0.0.1", port, "the next broker")
+
+
+def test_up_killed_with_sigkill_takes_every_child_with_it(tmp_path):
+    ports = {"--broker-port": free_port(), "--port": free_port(), "--metrics-port": free_port()}
+    args = [item for flag, port in ports.items() for item in (flag, str(port))]
+    up = streamlearn("up", "--demo", "--rate", "50", *args, cwd=tmp_path)
+    # The broker answers before the others start: once all four run, it holds its port.
+    children = wait_for(lambda: len(found := children_of(up.pid)) == 4 and found, 60, what="4 children")
+    up.kill()
+    up.wait()
+    wait_for(lambda: not any(running(pid) for pid in children), 10, what="every child to die with `up`")
+    for flag, port in ports.items():
+        ensure_port_free("127.0.0.1", port, flag)  # the next `up` can start

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO
 
 from streamlearn import kafka
+from streamlearn.dev.lifeline import die_with_parent
 from streamlearn.errors import BrokerBinaryMissing, BrokerUnavailable, ConfigError
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,10 @@ class EmbeddedBroker:
         self, output: IO[bytes] | int | None = subprocess.DEVNULL, timeout_s: float = 20.0
     ) -> "EmbeddedBroker":
         ensure_port_free(self.host, self.port, "embedded broker")
-        self.process = subprocess.Popen(self.command(), stdout=output, stderr=output, start_new_session=True)
+        # Its own session keeps a Ctrl-C from reaching it; it dies with this process all the same.
+        self.process = subprocess.Popen(
+            self.command(), stdout=output, stderr=output, start_new_session=True, preexec_fn=die_with_parent()
+        )
         self.wait_ready(timeout_s)
         log.info("embedded broker listening on %s", self.bootstrap)
         return self

@@ -2,7 +2,8 @@
 
 Children run in their own process groups, so Ctrl-C reaches only this supervisor, which then
 stops them in order (producer, trainer, server, broker) and lets the trainer write its final
-snapshot while the broker is still there.
+snapshot while the broker is still there. A supervisor killed with SIGKILL takes its children
+with it (on Linux): the kernel kills them too (lifeline.py), as a crash, and frees their ports.
 
 With --delayed-labels the demo is a client of the server (`produce --predict-url`) whose labels
 come later, and the trainer learns the prediction log joined with them. Nothing is predicted
@@ -27,6 +28,7 @@ from pydantic import BaseModel
 from streamlearn import kafka
 from streamlearn.config import ProduceSettings, ServeSettings, TrainSettings, UpSettings, command_line
 from streamlearn.dev.broker import EmbeddedBroker, ensure_port_free
+from streamlearn.dev.lifeline import die_with_parent
 from streamlearn.dev.status import get_json, scrape, total, value
 from streamlearn.dev.streams import stream_info
 from streamlearn.errors import ConfigError
@@ -195,6 +197,7 @@ class Supervisor:
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent(),  # SIGKILL when this supervisor dies without stopping it
         )
         self.children.append(Child(name, process, log_path))
 
