@@ -71,7 +71,7 @@ def run_broker(settings: BrokerSettings) -> int:
 
 
 def run_train(settings: TrainSettings) -> int:
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
 
     from streamlearn import kafka
     from streamlearn.dev.broker import ensure_port_free
@@ -79,6 +79,7 @@ def run_train(settings: TrainSettings) -> int:
     from streamlearn.snapshots import open_store
     from streamlearn.train.lockstep import World
     from streamlearn.train.pipeline import Pipeline
+    from streamlearn.train.telemetry import serve_metrics
 
     stop = _stop_event()  # first: a signal during start-up ends the trainer cleanly too
     open_store(settings.snapshot_dir).ensure_writable()
@@ -93,7 +94,7 @@ def run_train(settings: TrainSettings) -> int:
     pipeline = Pipeline(settings, TrainerMetrics(registry))
     pipeline.restore()
     if port:
-        start_http_server(port, settings.metrics_host, registry)
+        serve_metrics(port, settings.metrics_host, registry)  # idle connections time out
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, pipeline.stop)
     if stop.is_set():

@@ -7,11 +7,17 @@ or an outage writes one line per reason every few seconds, with a count of the o
 import contextlib
 import dataclasses
 import logging
+import socket
+import socketserver
+import sys
+import threading
 import time
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.train.drift import DriftReport
@@ -21,6 +27,9 @@ from streamlearn.train.partitions import Partitions
 from streamlearn.train.trainer import WINDOWS, Trainer
 
 log = logging.getLogger("streamlearn.train")
+
+METRICS_IDLE_TIMEOUT_S = 5.0  # a /metrics connection silent this long is closed, and its thread ends
+METRICS_MAX_CONNECTIONS = 32  # served at once (a thread each); more are closed as they arrive
 
 
 class RateLimitedLog:
@@ -174,3 +183,55 @@ class Telemetry:
             self.metrics.offsets_committed.inc()
         else:
             log.warning("offset commit failed (the snapshot still holds the offsets): %s", error.str())
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """One request per connection, not logged; `timeout` bounds each wait on the client."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
+    """The trainer's /metrics: a thread per connection, at most `max_connections` of them, each
+    closed after `idle_timeout_s` without a byte from or to its client (prometheus_client's own
+    server keeps a thread per idle connection forever)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], idle_timeout_s: float, max_connections: int) -> None:
+        self.address_family = socket.getaddrinfo(*address, type=socket.SOCK_STREAM)[0][0]
+        self._slots = threading.BoundedSemaphore(max_connections)
+        handler = type("MetricsHandler", (_QuietHandler,), {"timeout": idle_timeout_s})
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # every slot taken: closed at once, the scraper retries
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):  # a client silent past the timeout, or gone
+            return
+        super().handle_error(request, client_address)
+
+
+def serve_metrics(
+    port: int,
+    host: str,
+    registry: CollectorRegistry,
+    idle_timeout_s: float = METRICS_IDLE_TIMEOUT_S,
+    max_connections: int = METRICS_MAX_CONNECTIONS,
+) -> MetricsServer:
+    """Serve `registry` on http://host:port/ from a daemon thread; `shutdown()` stops it."""
+    server = MetricsServer((host, port), idle_timeout_s, max_connections)
+    server.set_app(make_wsgi_app(registry))
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
