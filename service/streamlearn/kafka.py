@@ -6,16 +6,30 @@ properties (security, tuning) come from STREAMLEARN_KAFKA_* and override the def
 """
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streamlearn.errors import BrokerUnavailable, KafkaOperationError
+from streamlearn.logfilter import RateLimitFilter
 
 log = logging.getLogger(__name__)
 kafka_log = logging.getLogger("streamlearn.librdkafka")
+
+
+def _facility(record: logging.LogRecord) -> Hashable:
+    """librdkafka logs each line as "%s [%s] %s" (facility, client, text): a key per facility."""
+    args = record.args if isinstance(record.args, tuple) and record.args else (record.msg,)
+    return record.name, str(args[0])[:50]
+
+
+# A broker away makes every client log a line per reconnect attempt, ~20 a second in a trainer:
+# in every process, each kind of line is logged at most once per LOG_INTERVAL_S, with a count.
+LOG_INTERVAL_S = 5.0
+kafka_log.addFilter(RateLimitFilter(LOG_INTERVAL_S, key=_facility))
+log.addFilter(RateLimitFilter(LOG_INTERVAL_S))  # the errors error_cb hears (_log_error)
 
 # How producers of the prediction log and of the labels topic pick a partition: both keyed by the
 # prediction id and hashed with murmur2 as the Java client does, so that an id's prediction and its

@@ -2,15 +2,14 @@
 
 import asyncio
 import logging
-import threading
 import time
-from collections.abc import Callable
 
 from prometheus_client import Counter
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from streamlearn.logfilter import RateLimitFilter
 from streamlearn.metrics import ServerMetrics
 from streamlearn.serve.registry import ModelRegistry
 
@@ -22,34 +21,7 @@ NOISY_LOGGERS = (
     "asyncio",
     "streamlearn.serve",
     "streamlearn.predictionlog",
-    "streamlearn.librdkafka",  # a broker away: a line per reconnect attempt
-)
-
-
-class RateLimitFilter(logging.Filter):
-    """Lets each message template through at most once per `interval_s`, saying how many it held back."""
-
-    def __init__(self, interval_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__()
-        self.interval_s = interval_s
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._seen: dict[tuple[str, str], tuple[float, int]] = {}  # template -> (shown at, held back)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, str(record.msg).split("\n", 1)[0][:200])
-        now = self.clock()
-        with self._lock:
-            shown_at, held = self._seen.get(key, (float("-inf"), 0))
-            if now - shown_at < self.interval_s:
-                self._seen[key] = (shown_at, held + 1)
-                return False
-            if len(self._seen) > 1000:  # templates are bounded in practice; never grow without end
-                self._seen.clear()
-            self._seen[key] = (now, 0)
-        if held:
-            record.msg = f"{record.msg} [{held} more like this in the last {now - shown_at:.0f}s not logged]"
-        return True
+)  # and librdkafka's lines, which kafka.py limits in every process
 
 
 def rate_limit_logs(interval_s: float = 5.0) -> RateLimitFilter:
