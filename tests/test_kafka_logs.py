@@ -42,9 +42,11 @@ class Counting(logging.Filter):
 
 
 def installed_limiter(logger: logging.Logger, monkeypatch) -> RateLimitFilter:
-    """The limiter kafka.py installs on `logger`, as if nothing had been logged in this process yet."""
+    """The limiter kafka.py installs on `logger`, as if nothing had been logged in this process yet,
+    on a clock that stands still (however slowly this machine runs, the test stays in one interval)."""
     (limiter,) = [f for f in logger.filters if isinstance(f, RateLimitFilter)]
     monkeypatch.setattr(limiter, "_seen", {})
+    monkeypatch.setattr(limiter, "clock", lambda: 0.0)
     return limiter
 
 

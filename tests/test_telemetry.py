@@ -9,14 +9,14 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter
 
 from streamlearn.dev.broker import free_port
-from streamlearn.train.telemetry import serve_metrics
+from streamlearn.train.telemetry import CONNECTION_THREAD, serve_metrics
 
 from .conftest import wait_for
 
 
 def connection_threads() -> int:
     """The threads the server runs, one per connection it serves."""
-    return sum(t.name.endswith("(process_request_thread)") for t in threading.enumerate())
+    return sum(t.name == CONNECTION_THREAD for t in threading.enumerate())
 
 
 @contextlib.contextmanager

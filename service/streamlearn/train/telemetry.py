@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import logging
 import socket
-import socketserver
 import sys
 import threading
 import time
@@ -30,6 +29,7 @@ log = logging.getLogger("streamlearn.train")
 
 METRICS_IDLE_TIMEOUT_S = 5.0  # a /metrics connection silent this long is closed, and its thread ends
 METRICS_MAX_CONNECTIONS = 32  # served at once (a thread each); more are closed as they arrive
+CONNECTION_THREAD = "metrics-connection"  # the name of each thread serving one
 
 
 class RateLimitedLog:
@@ -192,12 +192,10 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-class MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
+class MetricsServer(WSGIServer):
     """The trainer's /metrics: a thread per connection, at most `max_connections` of them, each
     closed after `idle_timeout_s` without a byte from or to its client (prometheus_client's own
     server keeps a thread per idle connection forever)."""
-
-    daemon_threads = True
 
     def __init__(self, address: tuple[str, int], idle_timeout_s: float, max_connections: int) -> None:
         self.address_family = socket.getaddrinfo(*address, type=socket.SOCK_STREAM)[0][0]
@@ -209,12 +207,16 @@ class MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
         if not self._slots.acquire(blocking=False):
             self.shutdown_request(request)  # every slot taken: closed at once, the scraper retries
             return
-        super().process_request(request, client_address)
+        args = (request, client_address)
+        threading.Thread(target=self._serve, args=args, name=CONNECTION_THREAD, daemon=True).start()
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def _serve(self, request: Any, client_address: Any) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
+            self.shutdown_request(request)
             self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
