@@ -1,9 +1,11 @@
 """The commands as users run them: produce, train (stopped by SIGTERM) and up --demo."""
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import httpx
 
@@ -94,14 +96,26 @@ def test_up_demo_runs_everything_and_the_served_model_improves(tmp_path):
     assert second.meta.records_trained > snapshot.meta.records_trained + 1000  # it learned again
 
 
+@contextlib.contextmanager
+def orphans_killed(pids: list[int]) -> Iterator[None]:
+    """Kill whatever of `pids` still runs when the test ends (what a failure would leave behind)."""
+    try:
+        yield
+    finally:
+        for pid in pids:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_a_broker_killed_with_sigkill_takes_its_broker_process_with_it():
     port = free_port()
     broker = streamlearn("broker", "--broker-port", str(port))
     assert "listening" in broker.stdout.readline()
     (child,) = children_of(broker.pid)
-    broker.kill()
-    broker.wait()
-    wait_for(lambda: not running(child), 10, what="the broker process to die with `streamlearn broker`")
+    with orphans_killed([child]):
+        broker.kill()
+        broker.wait()
+        wait_for(lambda: not running(child), 10, what="the broker process to die with `streamlearn broker`")
     ensure_port_free("127.0.0.1", port, "the next broker")
 
 
@@ -111,8 +125,9 @@ def test_up_killed_with_sigkill_takes_every_child_with_it(tmp_path):
     up = streamlearn("up", "--demo", "--rate", "50", *args, cwd=tmp_path)
     # The broker answers before the others start: once all four run, it holds its port.
     children = wait_for(lambda: len(found := children_of(up.pid)) == 4 and found, 60, what="4 children")
-    up.kill()
-    up.wait()
-    wait_for(lambda: not any(running(pid) for pid in children), 10, what="every child to die with `up`")
+    with orphans_killed(children):
+        up.kill()
+        up.wait()
+        wait_for(lambda: not any(running(pid) for pid in children), 10, what="every child to die with `up`")
     for flag, port in ports.items():
         ensure_port_free("127.0.0.1", port, flag)  # the next `up` can start
