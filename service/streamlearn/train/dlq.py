@@ -256,37 +256,44 @@ def read_from(
     limit: int = 0,
     timeout_s: float = 30.0,
 ) -> list[Message]:
-    """The messages of a topic from `start` (per partition; default its beginning) to its end now.
-
-    The end is the high watermark of the fetch responses: some brokers (Tansu) answer a
-    ListOffsets request with a smaller one, so that answer only says whether to read at all.
-    """
+    """The messages of a topic from `start` (per partition; default its beginning) to its end now."""
     consumer = Consumer(
         kafka.client_config(
             bootstrap, overrides, **{"group.id": "streamlearn-reader", "enable.auto.commit": False}
         )
     )
-    messages: list[Message] = []
     try:
-        metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
-        if metadata is None or metadata.error is not None:
-            raise KafkaOperationError(f"topic {topic!r} does not exist")
-        reading = []
-        for partition in sorted(metadata.partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
-            first = max((start or {}).get(partition, low), low)
-            if first < high:
-                reading.append(TopicPartition(topic, partition, first))
-        consumer.assign(reading)
-        deadline = time.monotonic() + timeout_s
-        while reading and (limit == 0 or len(messages) < limit) and time.monotonic() < deadline:
-            for message in consumer.consume(500, timeout=0.2):
-                if kafka.message_error(message) is None:
-                    messages.append(message)
-            reading = [tp for tp in consumer.position(reading) if not _at_end(consumer, tp)]
-        return messages[:limit] if limit else messages
+        return read_partitions(consumer, topic, start, limit, timeout_s)
     finally:
         consumer.close()
+
+
+def read_partitions(
+    consumer: Consumer, topic: str, start: Mapping[int, int] | None, limit: int, timeout_s: float
+) -> list[Message]:
+    """Read every partition of `topic` with `consumer` from `start` to its end now.
+
+    The end is the high watermark of the fetch responses: some brokers (Tansu) answer a
+    ListOffsets request with a smaller one, so that answer only says whether to read at all.
+    """
+    messages: list[Message] = []
+    metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    if metadata is None or metadata.error is not None:
+        raise KafkaOperationError(f"topic {topic!r} does not exist")
+    reading = []
+    for partition in sorted(metadata.partitions):
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
+        first = max((start or {}).get(partition, low), low)
+        if first < high:
+            reading.append(TopicPartition(topic, partition, first))
+    consumer.assign(reading)
+    deadline = time.monotonic() + timeout_s
+    while reading and (limit == 0 or len(messages) < limit) and time.monotonic() < deadline:
+        for message in consumer.consume(500, timeout=0.2):
+            if kafka.message_error(message) is None:
+                messages.append(message)
+        reading = [tp for tp in consumer.position(reading) if not _at_end(consumer, tp)]
+    return messages[:limit] if limit else messages
 
 
 def _at_end(consumer: Consumer, position: TopicPartition) -> bool:
