@@ -273,32 +273,34 @@ def read_partitions(
 ) -> list[Message]:
     """Read every partition of `topic` with `consumer` from `start` to its end now.
 
-    The end is the high watermark of the fetch responses: some brokers (Tansu) answer a
-    ListOffsets request with a smaller one, so that answer only says whether to read at all.
+    The end is the high watermark of the fetch responses, never ListOffsets' answer: Tansu
+    answers it with the offset after the first record of the last batch, so a start inside the
+    last batch (a snapshot's mark between letters produced together) would read none of the rest.
     """
     messages: list[Message] = []
     metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
     if metadata is None or metadata.error is not None:
         raise KafkaOperationError(f"topic {topic!r} does not exist")
-    reading = []
+    first = {}
     for partition in sorted(metadata.partitions):
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
-        first = max((start or {}).get(partition, low), low)
-        if first < high:
-            reading.append(TopicPartition(topic, partition, first))
+        low, _high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
+        first[partition] = max((start or {}).get(partition, low), low)
+    reading = [TopicPartition(topic, partition, offset) for partition, offset in first.items()]
     consumer.assign(reading)
     deadline = time.monotonic() + timeout_s
     while reading and (limit == 0 or len(messages) < limit) and time.monotonic() < deadline:
         for message in consumer.consume(500, timeout=0.2):
             if kafka.message_error(message) is None:
                 messages.append(message)
-        reading = [tp for tp in consumer.position(reading) if not _at_end(consumer, tp)]
+        reading = [tp for tp in consumer.position(reading) if not _at_end(consumer, tp, first)]
     return messages[:limit] if limit else messages
 
 
-def _at_end(consumer: Consumer, position: TopicPartition) -> bool:
+def _at_end(consumer: Consumer, position: TopicPartition, first: Mapping[int, int]) -> bool:
+    """Whether a fetch response said the partition ends at or before where we are."""
     _low, high = consumer.get_watermark_offsets(position, cached=True)
-    return high >= 0 and position.offset >= high
+    at = position.offset if position.offset >= 0 else first[position.partition]  # none consumed yet
+    return high >= 0 and at >= high
 
 
 def already_dead_lettered(
