@@ -78,3 +78,11 @@ def test_a_commit_carries_only_owned_partitions_at_the_offset_after_their_last_l
     partitions.release([("events", 0)])
     assert partitions.to_commit() == {("events", 1): 3}
     assert partitions.learned[("events", 0)] == 8  # kept for the snapshot, never committed by us now
+
+
+def test_a_reset_resume_offset_overrides_ours_and_the_groups_and_is_what_a_commit_carries():
+    partitions = Partitions(learned={("events", 0): 3000})
+
+    assert partitions.assign(("events", 0), committed=3000, reset=0) == 0  # the log starts over
+    assert partitions.take(fetched(0, range(0, 3))) == fetched(0, range(0, 3))  # new records, learned
+    assert partitions.to_commit() == {("events", 0): 0}  # until learned: the new log's start

@@ -431,6 +431,12 @@ class TrainSettings(
     start_offset: Literal["earliest", "latest"] = Field(
         "earliest", description="Where to start in a partition with no snapshot or committed offset."
     )
+    on_offset_out_of_range: Literal["earliest", "stop"] = Field(
+        "earliest",
+        description="A partition whose resume offset (snapshot's or group's) lies outside its log, its "
+        "topic recreated or truncated: resume within the log, at its start unless a known offset lies "
+        "in it (earliest), or stop the trainer (stop). Either way it is logged and counted.",
+    )
     max_record_bytes: int = Field(1_000_000, ge=16, description="Larger records are rejected as invalid.")
     seed: int = Field(0, description="Seed for weight initialisation.")
     deterministic: bool = Field(

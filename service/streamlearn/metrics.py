@@ -135,6 +135,14 @@ class TrainerMetrics:
         self.offsets_committed = Counter(
             "streamlearn_offset_commits_total", "Offset commits after a durable snapshot.", registry=registry
         )
+        self.offset_resets = Counter(
+            "streamlearn_trainer_offset_resets_total",
+            "Partitions assigned with a resume offset outside their log, by kind: beyond_end (the topic "
+            "was recreated or its log truncated), before_start (retention deleted records before they "
+            "were learned); --on-offset-out-of-range decides what follows.",
+            ["topic", "partition", "kind"],
+            registry=registry,
+        )
         self.kafka_errors = Counter(
             "streamlearn_kafka_errors_total", "Errors reported by the Kafka client.", registry=registry
         )

@@ -16,7 +16,9 @@ import orjson
 import pytest
 import torch
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
 
+from streamlearn import kafka
 from streamlearn.dev.broker import EmbeddedBroker, free_port
 from streamlearn.dev.streams import records
 from streamlearn.snapshots import LocalSnapshotStore, SnapshotStore
@@ -211,6 +213,33 @@ def test_kill_9_loses_nothing_and_learns_nothing_twice(bootstrap, make_topic, st
     for name, tensor in expected.tensors.items():
         if name.startswith(("model.", "optim.")):
             assert torch.equal(tensor, final_weights[name]), name
+
+
+def recreate(bootstrap: str, topic: str) -> None:
+    """Delete the topic and create it again, empty, under the same name."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.delete_topics([topic])[topic].result(10)
+    wait_for(lambda: topic not in admin.list_topics(timeout=5).topics, 10, what="the topic deleted")
+    kafka.ensure_topic(bootstrap, {}, topic)
+
+
+def test_a_topic_recreated_under_the_snapshot_is_learned_from_its_start(
+    bootstrap, make_topic, start_trainer, tmp_path
+):
+    topic, store = make_topic(), LocalSnapshotStore(tmp_path / "snapshots")
+    publish(bootstrap, topic, stream(300, invalid_every=0)[0])
+    first = start_trainer(topic, task="binary", max_record_bytes=4096)
+    wait_for(lambda: offsets_done(store, topic, {0: 300}), 60, what="the first log learned")
+    first.stop()
+
+    recreate(bootstrap, topic)  # the new log's 200 records lie below the snapshot's offset, 300
+    publish(bootstrap, topic, stream(200, invalid_every=0, seed=1)[0])
+    trainer = start_trainer(topic, task="binary", max_record_bytes=4096)
+
+    snapshot = wait_for(lambda: offsets_done(store, topic, {0: 200}), 30, what="the new log learned")
+    assert snapshot.meta.records_trained == 500
+    labels = {"topic": topic, "partition": "0", "kind": "beyond_end"}
+    assert trainer.metric("streamlearn_trainer_offset_resets_total", labels) == 1
 
 
 def test_a_trainer_joining_and_leaving_shares_the_work_without_overlap(

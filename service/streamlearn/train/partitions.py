@@ -47,12 +47,17 @@ class Partitions(Generic[M]):
     def owned(self) -> set[Key]:
         return set(self.positions)
 
-    def assign(self, key: Key, committed: int) -> int | None:
+    def assign(self, key: Key, committed: int, reset: int | None = None) -> int | None:
         """Own a partition; the offset to resume it at, or None to let --start-offset decide.
 
         Ours is ahead when our commit lagged (a crash before it, a broker outage); the group's is
-        ahead when another member learned the records since we last owned the partition.
+        ahead when another member learned the records since we last owned the partition. A `reset`
+        (the resume offset lay outside the partition's log, see resume.py) overrides both: what we
+        learned of that log, and what a commit carries, start there.
         """
+        if reset is not None:
+            self.positions[key] = self.learned[key] = reset
+            return reset
         ours = self.learned.get(key)
         start = committed if ours is None else max(ours, committed)
         self.positions[key] = start if start >= 0 else UNKNOWN

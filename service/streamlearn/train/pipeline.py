@@ -54,6 +54,7 @@ from streamlearn.train.learner import Learner
 from streamlearn.train.lockstep import Agreement, Lockstep, Shared, World, digest
 from streamlearn.train.order import Batching, EventTimeOrder, OffsetBatches, PartitionRounds
 from streamlearn.train.partitions import Offsets, Partitions, position
+from streamlearn.train.resume import ResumeGuard, fetched_watermarks
 from streamlearn.train.telemetry import Telemetry
 from streamlearn.train.trainer import pick_device
 
@@ -147,6 +148,8 @@ class Pipeline:
         self.dlq_marks: dict[int, int] = {}
         self.skip_dead_letters: set[Source] = set()
         self.consumer: Consumer | None = None
+        watermarks = fetched_watermarks(s.bootstrap, s.kafka, s.connect_timeout_s)
+        self.resume = ResumeGuard(s.on_offset_out_of_range, metrics, watermarks)
         self.internal_errors = 0  # unforeseen exceptions in a row, while isolating their records
 
     # -- start-up -------------------------------------------------------------------------------
@@ -670,10 +673,13 @@ class Pipeline:
             log.warning(
                 "could not read committed offsets, resuming from the snapshot's: %s", exc.args[0].str()
             )
+        resets = self.resume.resets(
+            self.partitions, committed, [(tp.topic, tp.partition) for tp in partitions]
+        )
+        self.checkpoints.dirty |= bool(resets)  # the reset offsets are to be saved and committed
         for tp in partitions:
-            start = self.partitions.assign(
-                (tp.topic, tp.partition), committed.get((tp.topic, tp.partition), -1)
-            )
+            key = (tp.topic, tp.partition)
+            start = self.partitions.assign(key, committed.get(key, -1), resets.get(key))
             if start is not None:
                 tp.offset = start
         if isinstance(self.batching, EventTimeOrder | PartitionRounds):
