@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 from confluent_kafka import TopicPartition
 
+from streamlearn.errors import KafkaOperationError
 from streamlearn.train.dlq import (
     H_OMITTED,
     H_REASON,
@@ -55,6 +56,7 @@ class TansuLikeConsumer:
         self.batch_starts = [sum(batches[:i]) for i in range(len(batches))]
         self.end = sum(batches)
         self.fetched_end = -1001  # the high watermark of the last fetch response; none yet
+        self.answers = True  # False: the partition's leader never answers a fetch
         self.next: int | None = None
 
     def list_topics(self, topic, timeout):
@@ -69,7 +71,7 @@ class TansuLikeConsumer:
         self.next = partitions[0].offset if partitions else None
 
     def consume(self, count, timeout):
-        if self.next is None:
+        if self.next is None or not self.answers:
             return []
         self.fetched_end = self.end
         taken = [Record(self.topic, offset) for offset in range(self.next, min(self.next + count, self.end))]
@@ -108,3 +110,11 @@ def test_reading_from_the_end_or_an_empty_topic_returns_nothing_at_once(start):
     consumer = TansuLikeConsumer("events.dlq", batches=[2] if start else [])
 
     assert read_partitions(consumer, "events.dlq", {0: start}, limit=0, timeout_s=5) == []  # type: ignore[arg-type]
+
+
+def test_a_topic_not_read_to_its_end_in_time_is_an_error_not_a_part_taken_for_the_whole():
+    consumer = TansuLikeConsumer("events.dlq", batches=[3])
+    consumer.answers = False
+
+    with pytest.raises(KafkaOperationError, match=r"could not read events\.dlq to its end"):
+        read_partitions(consumer, "events.dlq", {0: 1}, limit=0, timeout_s=0.3)  # type: ignore[arg-type]

@@ -59,6 +59,10 @@ Source = tuple[str, int, int]  # (topic, partition, offset) of the original reco
 Headers = list[tuple[str, Any]]
 
 
+class NoSuchTopic(KafkaOperationError):
+    """The topic to read does not exist."""
+
+
 class Letter(NamedTuple):
     """What is produced to the dead-letter topic for one record."""
 
@@ -280,7 +284,7 @@ def read_partitions(
     messages: list[Message] = []
     metadata = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
     if metadata is None or metadata.error is not None:
-        raise KafkaOperationError(f"topic {topic!r} does not exist")
+        raise NoSuchTopic(f"topic {topic!r} does not exist")
     first = {}
     for partition in sorted(metadata.partitions):
         low, _high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
@@ -293,6 +297,11 @@ def read_partitions(
             if kafka.message_error(message) is None:
                 messages.append(message)
         reading = [tp for tp in consumer.position(reading) if not _at_end(consumer, tp, first)]
+    if reading and (limit == 0 or len(messages) < limit):  # a part read as the whole is worse than none
+        unread = ", ".join(str(tp.partition) for tp in reading)
+        raise KafkaOperationError(
+            f"could not read {topic} to its end within {timeout_s:g}s (partitions {unread})"
+        )
     return messages[:limit] if limit else messages
 
 
@@ -309,7 +318,7 @@ def already_dead_lettered(
     """Sources of the dead letters published after `marks` (all of a partition without a mark)."""
     try:
         letters = read_from(bootstrap, overrides, topic, marks)
-    except KafkaOperationError:  # no dead-letter topic yet: nothing was dead-lettered
+    except NoSuchTopic:  # no dead-letter topic yet: nothing was dead-lettered
         return set()
     found = (source_of(message) for message in letters)
     return {source for source in found if source is not None}
