@@ -676,7 +676,6 @@ class Pipeline:
         resets = self.resume.resets(
             self.partitions, committed, [(tp.topic, tp.partition) for tp in partitions]
         )
-        self.checkpoints.dirty |= bool(resets)  # the reset offsets are to be saved and committed
         for tp in partitions:
             key = (tp.topic, tp.partition)
             start = self.partitions.assign(key, committed.get(key, -1), resets.get(key))
