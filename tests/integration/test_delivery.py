@@ -22,7 +22,7 @@ from streamlearn import kafka
 from streamlearn.dev.broker import EmbeddedBroker, free_port
 from streamlearn.dev.streams import records
 from streamlearn.snapshots import LocalSnapshotStore, SnapshotStore
-from streamlearn.train.dlq import H_REASON, header, source_of
+from streamlearn.train.dlq import H_REASON, header, read_from, source_of
 
 from ..conftest import wait_for
 from .conftest import committed, publish, read_topic, track
@@ -135,6 +135,16 @@ def test_poison_inputs_land_in_the_dlq_with_their_reason(bootstrap, make_topic, 
         assert header(letter.headers(), H_REASON) == reason, name
         assert source_of(letter) == (topic, 0, offset), name
         assert ("trace", f"t{offset}".encode()) in letter.headers(), name
+
+
+def test_dead_letters_after_a_mark_inside_the_last_batch_are_read(bootstrap, make_topic):
+    topic = make_topic()
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 100})
+    for i in range(3):
+        producer.produce(topic, b"letter %d" % i)
+    assert producer.flush(10) == 0  # one batch: the broker's ListOffsets answers 1 for its end
+
+    assert [letter.offset() for letter in read_from(bootstrap, {}, topic, {0: 1})] == [1, 2]
 
 
 def train_process(
