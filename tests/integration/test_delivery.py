@@ -186,7 +186,7 @@ def test_kill_9_loses_nothing_and_learns_nothing_twice(bootstrap, make_topic, st
         if crash is None:
             # capped at every valid record: on a slow machine the stream may be learned by now
             target = min(learned(store) + rng.randint(50, 150), n - len(invalid))
-            wait_for(lambda t=target: learned(store) >= t, 60, what="progress before a random kill")
+            wait_for(lambda t=target: learned(store) >= t, 120, what="progress before a random kill")
             process.send_signal(signal.SIGKILL)
         try:
             process.wait(30)
