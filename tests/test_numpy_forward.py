@@ -68,3 +68,17 @@ def test_a_fresh_model_without_statistics_only_shifts():
         model.predict_batch(torch.from_numpy(x)).probabilities.numpy(),
         atol=1e-6,
     )
+
+
+def test_both_paths_clip_standardized_features_as_training_does():
+    from streamlearn.models import Scaling
+
+    spec = ModelSpec(LabelSpec.create("binary"), FeatureSpec(3), "mlp", {"hidden": [8]}, scaling=Scaling(2.0))
+    model = trained(spec).model.eval()
+    fast = NumpyForward.of(model)
+    assert fast is not None and fast.clip == 2.0
+    x = np.array([[1e3, -1e3, 1e3], [1e6, -1e6, 1e6], [1e30, -1e30, 1e30]], dtype=np.float32)
+    expected = model.predict_batch(torch.from_numpy(x))
+    got = fast.predict(fast.standardize(x))
+    np.testing.assert_allclose(got.scores.numpy(), expected.scores.numpy(), rtol=1e-5, atol=1e-5)
+    assert len(set(expected.scores[:, 0].tolist())) == 1  # all three clipped alike: z = +-2

@@ -347,6 +347,17 @@ class TrainSettings(
         (64, 64), description="Hidden layer widths of the MLP, comma-separated."
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout rate after each hidden layer of the MLP.")
+    scale_clip: float = Field(
+        10.0,
+        ge=0,
+        description="Bound on a standardized feature: the model sees it clipped to +-this many standard "
+        "deviations, and the running mean and variance learn it winsorized so (0: no bound).",
+    )
+    scale_horizon: int = Field(
+        100_000,
+        ge=0,
+        description="Records the running mean and variance cover, older ones fading (0: all, forever).",
+    )
     step_policy: Literal["auto", "small", "large"] = Field(
         "auto",
         description="Optimizer steps per micro-batch: small steps of --sub-batch-size records, one "

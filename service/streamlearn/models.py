@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from streamlearn.errors import SnapshotMismatch
 from streamlearn.records import FeatureSpec, LabelSpec
+from streamlearn.scaling import Normalizer, Scaling
 
 ARCHITECTURES: dict[str, type["OnlineModel"]] = {}  # filled by each architecture's class statement
 
@@ -32,6 +33,7 @@ class ModelSpec:
     arch: str = "mlp"
     args: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    scaling: Scaling = field(default_factory=Scaling)  # outlier bounds; a resumed trainer may change them
 
     @classmethod
     def create(
@@ -39,7 +41,8 @@ class ModelSpec:
     ) -> "ModelSpec":
         """The spec of architecture `arch` with its arguments taken from `settings` (by name)."""
         uses = architecture(arch).uses
-        return cls(labels, features, arch, {name: _plain(getattr(settings, name)) for name in uses}, seed)
+        args = {name: _plain(getattr(settings, name)) for name in uses}
+        return cls(labels, features, arch, args, seed, Scaling.of(settings))
 
     def mismatch(self, other: "ModelSpec") -> str | None:
         """Why a snapshot of `other` cannot continue this model's learning, or None if it can."""
@@ -67,6 +70,7 @@ class ModelSpec:
             "args": self.args,
             "hidden": self.args.get("hidden", []),  # for readers of the first release (0.1.0)
             "seed": self.seed,
+            "scaling": self.scaling.to_dict(),
         }
 
     @classmethod
@@ -83,6 +87,7 @@ class ModelSpec:
             arch=arch,
             args={name: _plain(value) for name, value in args.items()},
             seed=int(data.get("seed", 0)),
+            scaling=Scaling.from_dict(data.get("scaling")),
         )
 
 
@@ -98,58 +103,6 @@ class Prediction:
     scores: Tensor  # [n, n_outputs]
     values: Tensor  # [n]: regression values or class indices
     probabilities: Tensor | None = field(default=None)  # [n, n_classes] for classification
-
-
-class Normalizer(nn.Module):
-    """Standardizes features with a running mean and variance (Chan et al.'s parallel update)."""
-
-    count: Tensor
-    mean: Tensor
-    m2: Tensor
-
-    def __init__(self, n_features: int, eps: float = 1e-8) -> None:
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("mean", torch.zeros(n_features, dtype=torch.float64))
-        self.register_buffer("m2", torch.zeros(n_features, dtype=torch.float64))
-
-    @torch.no_grad()
-    def update(self, x: Tensor) -> None:
-        batch = x.to(torch.float64)
-        n_b = batch.shape[0]
-        if n_b == 0:
-            return
-        var_b, mean_b = torch.var_mean(batch, dim=0, correction=0)
-        m2_b = var_b * n_b
-        total = self.count + n_b
-        delta = mean_b - self.mean
-        self.mean += delta * (n_b / total)
-        self.m2 += m2_b + delta**2 * (self.count * n_b / total)
-        self.count.copy_(total)
-
-    def stats(self) -> tuple[Tensor, Tensor, Tensor]:
-        """A copy of the statistics, to put back with set_stats."""
-        return self.count.clone(), self.mean.clone(), self.m2.clone()
-
-    def set_stats(self, stats: tuple[Tensor, Tensor, Tensor]) -> None:
-        for mine, saved in zip((self.count, self.mean, self.m2), stats, strict=True):
-            mine.copy_(saved)
-
-    def forward(self, x: Tensor) -> Tensor:
-        shift, scale = self._affine(x.dtype)
-        return x - shift if scale is None else (x - shift) / scale
-
-    def _affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-        """The mean and standard deviation in `dtype`, computed once per change of the statistics."""
-        stats = (self.count, self.mean, self.m2)  # replaced by .to(), changed in place by updates
-        key = (*(id(t) for t in stats), *(t._version for t in stats), self.mean.device, dtype)
-        cached = getattr(self, "_cached", None)
-        if cached is None or cached[0] != key:
-            shift = self.mean.to(dtype)
-            scale = torch.sqrt(self.m2 / self.count + self.eps).to(dtype) if self.count >= 2 else None
-            cached = self._cached = (key, shift, scale)
-        return cached[1], cached[2]
 
 
 class CategoryTable(nn.Module):
@@ -269,7 +222,7 @@ class OnlineModel(nn.Module, ABC):
         super().__init__()
         self.spec = spec
         self.head = HEADS[spec.labels.task]()
-        self.normalizer = Normalizer(spec.features.n_features)
+        self.normalizer = Normalizer(spec.features.n_features, spec.scaling)
         features = spec.features
         self.categories = (
             CategoryTable(features, category_dim or features.embedding_dim)

@@ -303,9 +303,10 @@ def predict_finite(served: ServedModel, x: torch.Tensor, ids: torch.Tensor | Non
     else:
         model = served.model
         with torch.inference_mode():
-            standardized = model.normalizer(x)
+            standardized = model.normalizer.standardize(x)
             _refuse_non_finite(standardized.numpy(), overflow)
-            prediction = model.head.predict(model.scores(standardized, model.embed(ids)))
+            bounded = model.normalizer.bound(standardized)  # as training clips it
+            prediction = model.head.predict(model.scores(bounded, model.embed(ids)))
     # Finite scores give finite probabilities that sum to 1 (sigmoid, or softmax less its max).
     _refuse_non_finite(prediction.scores.numpy(), "the model's output is not finite for these features")
     return prediction

@@ -25,10 +25,11 @@ MAX_WORK = 2_000_000  # multiply-adds in a batch; one thread: numpy 282 µs and 
 
 @dataclass(frozen=True)
 class NumpyForward:
-    """Normalize -> layers -> head, as numpy arrays taken from one loaded model."""
+    """Normalize (and clip) -> layers -> head, as numpy arrays taken from one loaded model."""
 
     shift: np.ndarray
     scale: np.ndarray | None
+    clip: float | None  # the bound on a standardized value, as the normalizer has it (None: none)
     layers: tuple[tuple[np.ndarray, np.ndarray] | None, ...]  # (W transposed, b), or None for a ReLU
     task: str
     max_rows: int  # the most instances worth predicting through numpy (MAX_WORK)
@@ -53,11 +54,13 @@ class NumpyForward:
                 layers.append(None)
             elif type(module) is not nn.Dropout:  # a no-op when serving (eval)
                 return None
-        shift, scale = model.normalizer._affine(torch.float32)
+        normalizer = model.normalizer
+        shift, scale = normalizer._affine(torch.float32)
         work = sum(layer[0].size for layer in layers if layer is not None)  # multiply-adds per row
         return cls(
             shift.numpy().copy(),
             None if scale is None else scale.numpy().copy(),
+            normalizer.clip if normalizer.clip and scale is not None else None,
             tuple(layers),
             model.spec.labels.task,
             max(MAX_WORK // max(work, 1), 1),
@@ -69,7 +72,8 @@ class NumpyForward:
             return shifted if self.scale is None else shifted / self.scale
 
     def predict(self, standardized: np.ndarray) -> Prediction:
-        out = standardized
+        """The prediction for standardized values, clipped first as the normalizer clips them."""
+        out = standardized if self.clip is None else np.clip(standardized, -self.clip, self.clip)
         with np.errstate(over="ignore", invalid="ignore"):  # non-finite scores are refused by the caller
             for layer in self.layers:
                 out = np.maximum(out, 0) if layer is None else out @ layer[0] + layer[1]

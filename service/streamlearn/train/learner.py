@@ -7,6 +7,7 @@ snapshot), so the loop needs no knowledge of architectures, optimizers or drift 
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -88,7 +89,9 @@ class Learner:
                 f"snapshots of model {s.model_name!r} in {s.snapshot_dir} are {mismatch}: "
                 "use another --model-name or --snapshot-dir"
             )
-        self._build(spec, fresh=False)
+        if spec.scaling != wanted.scaling:  # a preprocessing rule, not a shape: the settings win
+            log.info("normalizer scaling %s (the snapshot's: %s)", wanted.scaling, spec.scaling)
+        self._build(replace(spec, scaling=wanted.scaling), fresh=False)
         self.origin = meta.origin
         assert self.trainer is not None
         assert meta.training is not None  # written with every model
