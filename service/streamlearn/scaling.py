@@ -8,7 +8,8 @@ statistics take in each value winsorized to the same bound around the mean as it
 the batch: one record moves the variance by at most clip^2 / count times itself. And they
 cover about the last `horizon` records, older ones fading exponentially, so a scale that truly
 changes is followed (winsorizing alone would follow it ever more slowly), and statistics spoiled
-before any could be known (an outlier among a model's first records) mend within a few horizons.
+before any scale could be known (an outlier in a model's first micro-batch, taken in before the
+statistics held two records) mend, their excess shrinking by exp(-records / horizon).
 """
 
 from dataclasses import dataclass
