@@ -73,6 +73,10 @@ def test_help_documents_every_setting_and_its_variable(command, capsys):
             "--batch-size: Input should be a valid integer",
         ),
         (["train", "--task", "weird"], "--task: Input should be"),
+        (  # before any connection: the broker named does not exist
+            ["train", "--task", "binary", "--arch", "nope", "--bootstrap", "127.0.0.1:1"],
+            "--arch: unknown architecture 'nope'; known: linear, mlp",
+        ),
         (["train", "--task", "binary", "--bogus", "1"], "unrecognized arguments: --bogus"),
         (["serve", "--port", "70000"], "--port: Input should be less than or equal to 65535"),
         (["produce", "--stream", "nope"], "--stream: Input should be"),

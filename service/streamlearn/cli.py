@@ -29,7 +29,7 @@ from streamlearn.config import (
     flag,
     is_flag,
 )
-from streamlearn.errors import StreamlearnError
+from streamlearn.errors import ConfigError, StreamlearnError
 
 log = logging.getLogger("streamlearn")
 # their INFO lines are noise: where credentials came from, a line per HTTP request of the demo client
@@ -76,11 +76,16 @@ def run_train(settings: TrainSettings) -> int:
     from streamlearn import kafka
     from streamlearn.dev.broker import ensure_port_free
     from streamlearn.metrics import TrainerMetrics
+    from streamlearn.models import known_architecture
     from streamlearn.snapshots import open_store
     from streamlearn.train.lockstep import World
     from streamlearn.train.pipeline import Pipeline
     from streamlearn.train.telemetry import serve_metrics
 
+    try:  # checked here, not in the settings: the settings never import the models (torch)
+        known_architecture(settings.arch)
+    except ConfigError as exc:
+        raise UsageError(f"streamlearn train: --arch: {exc}") from None
     stop = _stop_event()  # first: a signal during start-up ends the trainer cleanly too
     open_store(settings.snapshot_dir).ensure_writable()
     # Under torchrun each rank serves its metrics on the port + its rank on this host (LOCAL_RANK):

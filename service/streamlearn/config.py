@@ -17,7 +17,8 @@ from pydantic import BaseModel, BeforeValidator, Field, SecretStr, field_validat
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-Task = Literal["regression", "binary", "multiclass"]
+from streamlearn.tasks import Task
+
 StreamName = Literal["sea", "hyperplane", "friedman", "blobs", "payments"]
 # The training losses of each task, its default first.
 LOSSES: dict[str, tuple[str, ...]] = {
@@ -506,15 +507,6 @@ class TrainSettings(
     @classmethod
     def _comma_lists(cls, value: Any) -> Any:
         return _split_commas(value)
-
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, value: str) -> str:
-        from streamlearn.models import ARCHITECTURES  # torch loads only for the commands that learn
-
-        if value not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {value!r}; known: {', '.join(sorted(ARCHITECTURES))}")
-        return value
 
     @field_validator("hidden")
     @classmethod

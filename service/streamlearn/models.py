@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from streamlearn.errors import SnapshotMismatch
+from streamlearn.errors import ConfigError, SnapshotMismatch
 from streamlearn.records import FeatureSpec, LabelSpec
 from streamlearn.scaling import Normalizer, Scaling
 
@@ -40,7 +40,7 @@ class ModelSpec:
         cls, labels: LabelSpec, features: FeatureSpec, arch: str, settings: Any, seed: int = 0
     ) -> "ModelSpec":
         """The spec of architecture `arch` with its arguments taken from `settings` (by name)."""
-        uses = architecture(arch).uses
+        uses = ARCHITECTURES[known_architecture(arch)].uses
         args = {name: _plain(getattr(settings, name)) for name in uses}
         return cls(labels, features, arch, args, seed, Scaling.of(settings))
 
@@ -306,6 +306,13 @@ class MLPModel(OnlineModel, arch="mlp"):
         outputs = self.spec.labels.n_outputs
         deep = self.layers(torch.cat([x, categories[:, :, outputs:].flatten(1)], dim=1))
         return deep + categories[:, :, :outputs].sum(dim=1)
+
+
+def known_architecture(arch: str) -> str:
+    """`arch`, if an architecture is registered under that name (a setting: ConfigError if not)."""
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    return arch
 
 
 def architecture(arch: str) -> type[OnlineModel]:

@@ -24,9 +24,9 @@ import numpy as np
 import orjson
 import xxhash
 
-from streamlearn.config import Task
 from streamlearn.errors import ConfigError, InvalidReason, InvalidRecord
 from streamlearn.faults import raise_on_marked
+from streamlearn.tasks import Task
 
 _NUMBER = (int, float)
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # about 3.4e38; anything larger becomes inf

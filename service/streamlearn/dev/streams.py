@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from streamlearn.config import StreamName, Task
+from streamlearn.config import StreamName
+from streamlearn.tasks import Task
 
 Record = dict[str, Any]
 
