@@ -36,11 +36,12 @@ import bench_ingest as ingest
 from common import table
 from streamlearn import kafka
 from streamlearn.config import TrainSettings
+from streamlearn.decoding import RecordDecoder
 from streamlearn.dev.broker import EmbeddedBroker, free_port
 from streamlearn.dev.streams import records
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.models import ModelSpec, build_model
-from streamlearn.records import FeatureSpec, LabelSpec, RecordDecoder, feature_kinds
+from streamlearn.records import FeatureSpec, LabelSpec, feature_kinds
 from streamlearn.snapshots import LocalSnapshotStore
 from streamlearn.train.checkpoint import snapshot_content
 from streamlearn.train.learner import Learner

@@ -42,9 +42,10 @@ from common import table
 from learning_streams import DRIFT_EVERY, N_RECORDS, Stream, all_streams
 from streamlearn import kafka
 from streamlearn.config import TrainSettings
+from streamlearn.decoding import DecodedBatch
 from streamlearn.dev.broker import EmbeddedBroker
 from streamlearn.metrics import TrainerMetrics
-from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
+from streamlearn.records import FeatureSpec, LabelSpec
 from streamlearn.train.learner import Learner
 from streamlearn.train.telemetry import Telemetry
 from streamlearn.train.trainer import StepResult, Trainer, pick_device

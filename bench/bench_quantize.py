@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from common import table
+from streamlearn.decoding import DecodedBatch
 from streamlearn.models import ModelSpec, build_model
-from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
+from streamlearn.records import FeatureSpec, LabelSpec
 from streamlearn.serve.dataplane import predict_finite
 from streamlearn.serve.registry import ServedModel
 from streamlearn.snapshots import LocalSnapshotStore

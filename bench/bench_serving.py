@@ -18,9 +18,10 @@ import numpy as np
 import orjson
 
 from common import percentiles, table
+from streamlearn.decoding import DecodedBatch
 from streamlearn.dev.broker import free_port
 from streamlearn.models import ModelSpec, build_model
-from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
+from streamlearn.records import FeatureSpec, LabelSpec
 from streamlearn.snapshots import LocalSnapshotStore, SnapshotStore
 from streamlearn.train.checkpoint import snapshot_content
 from streamlearn.train.optim import OptimizerSettings, make_optimizer

@@ -23,10 +23,11 @@ from prometheus_client import CollectorRegistry
 
 from common import percentiles, table
 from streamlearn.config import TrainSettings
+from streamlearn.decoding import DecodedBatch
 from streamlearn.dev.broker import free_port
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.models import ModelSpec, build_model
-from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
+from streamlearn.records import FeatureSpec, LabelSpec
 from streamlearn.snapshots import SnapshotContent, SnapshotStore, open_store
 from streamlearn.train.checkpoint import Checkpointer
 from streamlearn.train.learner import Learner

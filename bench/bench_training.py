@@ -6,9 +6,10 @@ import time
 import orjson
 
 from common import table
+from streamlearn.decoding import RecordDecoder
 from streamlearn.dev.streams import records
 from streamlearn.models import ModelSpec, build_model
-from streamlearn.records import FeatureSpec, LabelSpec, RecordDecoder
+from streamlearn.records import FeatureSpec, LabelSpec
 from streamlearn.train.optim import OptimizerSettings, make_optimizer
 from streamlearn.train.trainer import Trainer, pick_device
 

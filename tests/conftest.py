@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from streamlearn.config import TrainSettings
+from streamlearn.decoding import DecodedBatch
 from streamlearn.dev.broker import free_port
 from streamlearn.models import ModelSpec, build_model
-from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
+from streamlearn.records import FeatureSpec, LabelSpec
 from streamlearn.train.optim import OptimizerSettings, make_optimizer
 from streamlearn.train.trainer import Trainer, pick_device
 

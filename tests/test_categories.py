@@ -12,18 +12,12 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from streamlearn.config import ServeSettings, TrainSettings
+from streamlearn.decoding import RecordDecoder
 from streamlearn.dev.streams import records
 from streamlearn.errors import InvalidReason, SnapshotMismatch
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.models import ModelSpec, build_model
-from streamlearn.records import (
-    FeatureKinds,
-    FeatureSpec,
-    LabelSpec,
-    RecordDecoder,
-    category_row,
-    feature_kinds,
-)
+from streamlearn.records import FeatureKinds, FeatureSpec, LabelSpec, category_row, feature_kinds
 from streamlearn.snapshots import LocalSnapshotStore
 from streamlearn.train.drift import DriftMonitor
 from streamlearn.train.learner import Learner
@@ -126,18 +120,18 @@ def test_the_batch_path_and_the_exact_path_agree():
 
 def test_hashing_is_stable_across_processes_and_releases():
     strings = ["m-00017", "DE", "", "zürich", "🙂"]
-    here = [category_row(s, SPEC._seeds[0], 2**20) for s in strings]
+    here = [category_row(s, SPEC.seeds[0], 2**20) for s in strings]
     code = (
         "from streamlearn.records import FeatureSpec, category_row\n"
         "spec = FeatureSpec(1, ('amount',), ('merchant',), ('tags',), hash_buckets=1024, max_categories=4)\n"
-        f"print([category_row(s, spec._seeds[0], 2**20) for s in {strings!r}])"
+        f"print([category_row(s, spec.seeds[0], 2**20) for s in {strings!r}])"
     )
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert here == orjson.loads(there)
     # xxh3-64, seeded by the feature's name: pinned, so a release that changes it fails here
-    assert category_row("m-00017", SPEC._seeds[0], 2**20) == here[0] == 790_379
+    assert category_row("m-00017", SPEC.seeds[0], 2**20) == here[0] == 790_379
     other_feature = FeatureSpec(0, (), ("country",), hash_buckets=2**20)
-    assert category_row("m-00017", other_feature._seeds[0], 2**20) != here[0]
+    assert category_row("m-00017", other_feature.seeds[0], 2**20) != here[0]
 
 
 # -- learning -------------------------------------------------------------------------------------
@@ -200,7 +194,7 @@ def test_a_table_of_a_million_rows_costs_per_step_what_the_batch_touches():
 def test_rare_categories_share_a_row_until_seen_min_count_times():
     spec = FeatureSpec(1, ("x",), ("id",), hash_buckets=64, min_count=3)
     table = build_model(ModelSpec(BINARY, spec, "linear")).categories
-    ids = torch.tensor([[category_row("new", spec._seeds[0], 64)]])
+    ids = torch.tensor([[category_row("new", spec.seeds[0], 64)]])
     assert table.rows(ids).item() == 64  # the rare row of feature 0
     for _ in range(3):
         table.observe(ids)
@@ -293,7 +287,7 @@ def test_category_drift_and_unseen_share_are_reported():
     rng = np.random.default_rng(0)
 
     def rows(names):
-        return np.array([[category_row(n, spec._seeds[0], 4096)] for n in names])
+        return np.array([[category_row(n, spec.seeds[0], 4096)] for n in names])
 
     def feed(names):
         n = len(names)

@@ -6,9 +6,10 @@ import numpy as np
 import orjson
 import pytest
 
+from streamlearn.decoding import RecordDecoder
 from streamlearn.dev.streams import records
 from streamlearn.models import ModelSpec, build_model
-from streamlearn.records import LabelSpec, RecordDecoder
+from streamlearn.records import LabelSpec
 from streamlearn.train.drift import Adwin, DriftMonitor, PageHinkley
 from streamlearn.train.optim import OptimizerSettings, make_optimizer
 from streamlearn.train.trainer import Trainer, pick_device

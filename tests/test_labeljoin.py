@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import orjson
 import pytest
 
+from streamlearn.decoding import RecordDecoder
 from streamlearn.errors import InvalidReason
-from streamlearn.records import LabelSpec, RecordDecoder
+from streamlearn.records import LabelSpec
 from streamlearn.train.labeljoin import LabelJoin, fingerprint
 
 LOG, LABELS = "predictions", "labels"

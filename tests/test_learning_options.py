@@ -203,7 +203,7 @@ def learner_for(tmp_path, **settings):
 
 def regions(n: int, flipped: bool, seed: int):
     """Two concepts on disjoint regions: x0 < 0 labels by x1 > 0; x0 > 0 by x1 < 0."""
-    from streamlearn.records import DecodedBatch
+    from streamlearn.decoding import DecodedBatch
 
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 3)).astype(np.float32)

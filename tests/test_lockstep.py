@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from streamlearn.decoding import DecodedBatch
 from streamlearn.errors import ConfigError
 from streamlearn.models import build_model
-from streamlearn.records import DecodedBatch
 from streamlearn.train.lockstep import Lockstep, World
 from streamlearn.train.optim import OptimizerSettings, make_optimizer
 from streamlearn.train.order import PartitionRounds

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from streamlearn.decoding import RecordDecoder
 from streamlearn.errors import InvalidReason
-from streamlearn.records import FeatureSpec, LabelSpec, RecordDecoder
+from streamlearn.records import FeatureSpec, LabelSpec
 
 BINARY = LabelSpec.create("binary")
 THREE = FeatureSpec(3)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from streamlearn.decoding import DecodedBatch
 from streamlearn.dev.streams import records
 from streamlearn.models import ModelSpec, Normalizer, build_model
-from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec
+from streamlearn.records import FeatureSpec, LabelSpec
 
 from .test_learning_options import learner_for
 

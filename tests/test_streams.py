@@ -6,8 +6,9 @@ import numpy as np
 import orjson
 import pytest
 
+from streamlearn.decoding import RecordDecoder
 from streamlearn.dev.streams import STREAMS, records, stream_info
-from streamlearn.records import LabelSpec, RecordDecoder
+from streamlearn.records import LabelSpec
 
 
 @pytest.mark.parametrize("name", list(STREAMS))

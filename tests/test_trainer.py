@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from streamlearn.decoding import DecodedBatch
 from streamlearn.errors import ConfigError
-from streamlearn.records import DecodedBatch
 from streamlearn.train.trainer import pick_device
 
 from .conftest import concept_batch

@@ -25,8 +25,9 @@ from prometheus_client import CollectorRegistry
 
 from streamlearn import kafka
 from streamlearn.config import TrainSettings
+from streamlearn.decoding import RecordDecoder
 from streamlearn.metrics import TrainerMetrics
-from streamlearn.records import LabelSpec, RecordDecoder, feature_kinds
+from streamlearn.records import LabelSpec, feature_kinds
 from streamlearn.snapshots import open_store
 from streamlearn.train.learner import Learner
 from streamlearn.train.lockstep import digest

@@ -21,9 +21,9 @@ from typing import Any, NamedTuple
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from streamlearn import kafka
+from streamlearn.decoding import Rejected
 from streamlearn.errors import KafkaOperationError
 from streamlearn.faults import crash_point
-from streamlearn.records import Rejected
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 import xxhash
 
+from streamlearn.decoding import parse_json
 from streamlearn.errors import InvalidReason, InvalidRecord
-from streamlearn.records import parse_json
 
 MAX_ID_CHARS = 256  # as the server's prediction ids
 FINGERPRINT_SPACE = 2**64

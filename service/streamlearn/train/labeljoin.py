@@ -33,8 +33,9 @@ from typing import Any, Literal
 
 import orjson
 
+from streamlearn.decoding import Rejected
 from streamlearn.errors import InvalidReason, InvalidRecord
-from streamlearn.records import LabelSpec, Rejected, fits_float32
+from streamlearn.records import LabelSpec, fits_float32
 from streamlearn.train.join import OUTCOMES, Joined, Label, Logged, PartitionJoin
 from streamlearn.train.joinrecord import (
     FINGERPRINT_SPACE,

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from streamlearn.config import TrainSettings
+from streamlearn.decoding import DecodedBatch
 from streamlearn.errors import ConfigError, SnapshotMismatch
 from streamlearn.models import ModelSpec, build_model
-from streamlearn.records import DecodedBatch, FeatureKinds, FeatureSpec, LabelSpec, feature_kinds
+from streamlearn.records import FeatureKinds, FeatureSpec, LabelSpec, feature_kinds
 from streamlearn.snapshots import Snapshot, SnapshotContent
 from streamlearn.train.checkpoint import snapshot_content
 from streamlearn.train.drift import DriftMonitor

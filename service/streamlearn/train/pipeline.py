@@ -41,10 +41,11 @@ from prometheus_client import CollectorRegistry
 from streamlearn import kafka
 from streamlearn.announcements import COMPACTED, Announcement, Announcer
 from streamlearn.config import TrainSettings
+from streamlearn.decoding import DecodedBatch, RecordDecoder, Rejected
 from streamlearn.errors import ConfigError, InvalidReason, SnapshotError
 from streamlearn.faults import crash_point
 from streamlearn.metrics import TrainerMetrics
-from streamlearn.records import DecodedBatch, FeatureSpec, LabelSpec, RecordDecoder, Rejected, feature_kinds
+from streamlearn.records import FeatureSpec, LabelSpec, feature_kinds
 from streamlearn.snapshots import DeadLetterMarks, Snapshot, SnapshotContent, open_store
 from streamlearn.train.checkpoint import Checkpointer, run_bounded
 from streamlearn.train.dlq import DeadLetterQueue, Source, already_dead_lettered

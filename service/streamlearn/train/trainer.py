@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from streamlearn.decoding import DecodedBatch
 from streamlearn.errors import ConfigError, SnapshotMismatch
 from streamlearn.models import OnlineModel
-from streamlearn.records import DecodedBatch
 from streamlearn.train.lockstep import Reducer
 from streamlearn.train.losses import Loss, LossSettings
 from streamlearn.train.optim import Optimizers, Schedule
