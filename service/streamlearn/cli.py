@@ -1,6 +1,6 @@
 """The `streamlearn` command: parses flags into settings and calls the modules that do the work.
 
-Flags are generated from the settings models in config.py, so every flag is documented once
+Flags are generated from the settings models in config/, so every flag is documented once
 and is also an environment variable. User errors print one line and exit non-zero.
 """
 

@@ -187,7 +187,7 @@ class Supervisor:
 
     def _spawn(self, name: str, command: str, model: type[BaseModel], values: dict[str, Any]) -> None:
         """Start `streamlearn <command>` with the settings `up` shares with it, then `values`."""
-        # config.py declares each setting once, so a name `up` shares with a command means the same there.
+        # config/ declares each setting once, so a name `up` shares with a command means the same there.
         s = self.settings
         shared = {field: getattr(s, field) for field in type(s).model_fields if field in model.model_fields}
         log_path = self.log_dir / f"{name}.log"
