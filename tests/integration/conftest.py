@@ -25,6 +25,14 @@ FAST_GROUP = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"}
 
 
 _spawned: list[subprocess.Popen] = []
+HERE = os.path.dirname(__file__)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test in this folder talks to the broker: mark it, so `-m "not integration"` skips it."""
+    for item in items:
+        if str(item.path).startswith(HERE):
+            item.add_marker(pytest.mark.integration)
 
 
 def track(process: subprocess.Popen) -> subprocess.Popen:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import orjson
-import pytest
 import torch
 
 from streamlearn.dev.streams import records
@@ -16,8 +15,6 @@ from streamlearn.snapshots import LocalSnapshotStore
 from ..conftest import wait_for
 from .conftest import publish, track
 from .test_delivery import offsets_done
-
-pytestmark = pytest.mark.integration
 
 FLAGS = {  # the payments stream, small enough to learn in seconds
     "task": "binary", "deterministic": True, "batch_size": 50, "hidden": "16", "hash_buckets": 4096,

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import httpx
 import orjson
-import pytest
 
 from streamlearn.announcements import Announcement, decode
 from streamlearn.dev.broker import free_port
@@ -19,8 +18,6 @@ from streamlearn.snapshots import LocalSnapshotStore
 from ..conftest import wait_for
 from ..live_server import live_server
 from .conftest import publish, read_topic
-
-pytestmark = pytest.mark.integration
 
 TOKEN = "announce-token-0123456789"
 NO_POLLING = ("--reload-interval-s", "60", "--store-poll-s", "3600")  # only announcements bring news

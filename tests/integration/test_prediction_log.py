@@ -14,8 +14,6 @@ from ..conftest import wait_for
 from ..live_server import live_server, write_trained_model
 from .conftest import read_topic
 
-pytestmark = pytest.mark.integration
-
 
 def _counter(base: str, outcome: str) -> float:
     with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:

@@ -14,8 +14,6 @@ from ..conftest import wait_for
 from ..live_server import live_server, write_trained_model
 from .conftest import read_topic
 
-pytestmark = pytest.mark.integration
-
 MURMUR2_M, MURMUR2_SEED = 0x5BD1E995, 0x9747B28C
 
 
