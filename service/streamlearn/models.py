@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from streamlearn.errors import ConfigError, SnapshotMismatch
 from streamlearn.records import FeatureSpec, LabelSpec
-from streamlearn.scaling import Normalizer, Scaling
+from streamlearn.scaling import DeclaresScaling, Normalizer, Scaling
 
 ARCHITECTURES: dict[str, type["OnlineModel"]] = {}  # filled by each architecture's class statement
 
@@ -37,9 +37,10 @@ class ModelSpec:
 
     @classmethod
     def create(
-        cls, labels: LabelSpec, features: FeatureSpec, arch: str, settings: Any, seed: int = 0
+        cls, labels: LabelSpec, features: FeatureSpec, arch: str, settings: DeclaresScaling, seed: int = 0
     ) -> "ModelSpec":
-        """The spec of architecture `arch` with its arguments taken from `settings` (by name)."""
+        """The spec of architecture `arch`: its scaling, and its arguments (the names its class
+        `uses`) read from `settings`."""
         uses = ARCHITECTURES[known_architecture(arch)].uses
         args = {name: _plain(getattr(settings, name)) for name in uses}
         return cls(labels, features, arch, args, seed, Scaling.of(settings))

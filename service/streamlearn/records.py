@@ -13,7 +13,7 @@ import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import xxhash
@@ -96,9 +96,27 @@ class FeatureKinds:
         return "numeric"
 
 
-def feature_kinds(settings: Any) -> FeatureKinds:
-    """The declaration of a trainer's settings (--numeric, --categorical, --hash-buckets...)."""
-    s = settings
+class DeclaresFeatures(Protocol):
+    """What declares the features' kinds: a trainer's settings (--numeric, --categorical, ...)."""
+
+    @property
+    def numeric(self) -> tuple[str, ...]: ...
+    @property
+    def categorical(self) -> tuple[str, ...]: ...
+    @property
+    def multi_categorical(self) -> tuple[str, ...]: ...
+    @property
+    def hash_buckets(self) -> int: ...
+    @property
+    def max_categories(self) -> int: ...
+    @property
+    def embedding_dim(self) -> int: ...
+    @property
+    def min_count(self) -> int: ...
+
+
+def feature_kinds(s: DeclaresFeatures) -> FeatureKinds:
+    """The features' kinds as a trainer's settings declare them."""
     return FeatureKinds(
         s.numeric, s.categorical, s.multi_categorical, s.hash_buckets, s.max_categories, s.embedding_dim,
         s.min_count,

@@ -13,7 +13,7 @@ statistics held two records) mend, their excess shrinking by exp(-records / hori
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,7 @@ class Scaling:
     horizon: int = 0
 
     @classmethod
-    def of(cls, settings: Any) -> "Scaling":
+    def of(cls, settings: "DeclaresScaling") -> "Scaling":
         """The trainer's --scale-clip and --scale-horizon."""
         return cls(float(settings.scale_clip), int(settings.scale_horizon))
 
@@ -116,3 +116,12 @@ class Normalizer(nn.Module):
             scale = torch.sqrt(self.m2 / self.count + self.eps).to(dtype) if self.count >= 2 else None
             cached = self._cached = (key, shift, scale)
         return cached[1], cached[2]
+
+
+class DeclaresScaling(Protocol):
+    """What declares the input scaling: a trainer's --scale-clip and --scale-horizon."""
+
+    @property
+    def scale_clip(self) -> float: ...
+    @property
+    def scale_horizon(self) -> int: ...
