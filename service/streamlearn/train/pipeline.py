@@ -30,7 +30,6 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 from typing import Any
 
@@ -42,11 +41,11 @@ from streamlearn import kafka
 from streamlearn.announcements import COMPACTED, Announcement, Announcer
 from streamlearn.config import TrainSettings
 from streamlearn.decoding import DecodedBatch, RecordDecoder, Rejected
-from streamlearn.errors import ConfigError, InvalidReason, SnapshotError
-from streamlearn.faults import crash_point
+from streamlearn.errors import ConfigError, InvalidReason
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.records import FeatureSpec, LabelSpec, feature_kinds
-from streamlearn.snapshots import DeadLetterMarks, Snapshot, SnapshotContent, open_store
+from streamlearn.snapshots import Snapshot, SnapshotContent, open_store
+from streamlearn.train.aligned import AlignedCheckpointer
 from streamlearn.train.checkpoint import Checkpointer, run_bounded
 from streamlearn.train.dlq import DeadLetterQueue, Source, already_dead_lettered
 from streamlearn.train.joinlog import reread
@@ -91,7 +90,6 @@ class Pipeline:
         self.lockstep = Lockstep(world, s.collective_timeout_s, self.device) if world.size > 1 else None
         self.agreed = Agreement(0, False, False, False)
         self.shares: deque[list[Message]] = deque()  # this rank's batches not yet learned in a round
-        self.aligned_write: Future[Snapshot] | None = None  # rank 0's newest snapshot write
         self.store = open_store(s.snapshot_dir, s.keep_snapshots)
         labels = LabelSpec.create(s.task, s.classes, s.num_classes)
         kinds = feature_kinds(s)
@@ -140,10 +138,7 @@ class Pipeline:
         self.waiting = 0  # micro-batches handed over that the learning thread has not started
         self.backlog = False  # whether the last poll came back full
         self.waiting_lock = threading.Lock()
-        self.checkpoints = Checkpointer(
-            self.store, s.model_name, metrics, self.partitions, self._content, None,
-            s.snapshot_interval_s, s.shutdown_timeout_s, settle=self.settle,
-        )  # fmt: skip
+        self.checkpoints = self._checkpointer()
         self.dlq: DeadLetterQueue | None = None
         self.announcer: Announcer | None = None
         self.dlq_marks: dict[int, int] = {}
@@ -292,6 +287,22 @@ class Pipeline:
             if counts[topic] is None:
                 kafka.ensure_topic(s.bootstrap, s.kafka, topic, partitions=min(known, default=1))
         return topics
+
+    def _checkpointer(self) -> Checkpointer:
+        """One process's checkpoints, or those the ranks in lockstep take together."""
+        s = self.settings
+        args = (self.store, s.model_name, self.metrics, self.partitions, self._content, None,
+                s.snapshot_interval_s, s.shutdown_timeout_s)  # fmt: skip
+        if self.lockstep is None:
+            return Checkpointer(*args, settle=self.settle)
+        return AlignedCheckpointer(
+            *args, settle=self.settle, ranks=self.lockstep, world_size=self.world.size,
+            weights_digest=self._weights_digest, collective_timeout_s=s.collective_timeout_s,
+        )  # fmt: skip
+
+    def _weights_digest(self) -> str:
+        trainer = self.learner.trainer
+        return digest(trainer.model.state()) if trainer is not None else ""
 
     def _content(self, offsets: Offsets) -> tuple[dict[str, torch.Tensor], SnapshotContent]:
         """What a checkpoint holds: the learner's state, and the label join's (taken on this thread,
@@ -548,18 +559,18 @@ class Pipeline:
         else:
             ready, blocked = len(self.shares), None  # a rank with nothing adds an empty share
         checkpoints = self.checkpoints
-        due = checkpoints.dirty and time.monotonic() - checkpoints.last_started >= checkpoints.interval_s
-        self.agreed = agreed = lockstep.agree(ready, blocked, backlog, not self.running, due)
+        assert isinstance(checkpoints, AlignedCheckpointer)
+        self.agreed = agreed = lockstep.agree(ready, blocked, backlog, not self.running, checkpoints.due())
         for _ in range(agreed.rounds):
             if isinstance(self.batching, PartitionRounds):
                 mine = self.batching.take()
             else:
                 mine = self.shares.popleft() if self.shares else []
             self._learn_round(lockstep, mine)
-        if (agreed.due or agreed.stop) and self.checkpoints.dirty:  # dirty alike on every rank
-            self._checkpoint_aligned(lockstep, final=agreed.stop)
+        if (agreed.due or agreed.stop) and checkpoints.dirty:  # dirty alike on every rank
+            checkpoints.checkpoint_round(self.consumer, final=agreed.stop)
         elif agreed.stop:  # nothing new: the newest snapshot holds these offsets; Kafka gets them too
-            self._commit_bounded(self.partitions.to_commit())
+            checkpoints.commit_bounded(self.consumer, self.partitions.to_commit())
 
     def _learn_round(self, lockstep: Lockstep, mine: list[Message]) -> None:
         """Learn one round: every rank's share, in rank order, here and on every rank."""
@@ -572,94 +583,6 @@ class Pipeline:
         lockstep.same("learning a round", self.records_learned - before, steps)
         self.partitions.learned_through(mine)
         self.checkpoints.dirty = True
-
-    def _checkpoint_aligned(self, lockstep: Lockstep, final: bool) -> None:
-        """A snapshot at this round boundary: every rank's offsets and dead-letter marks, one
-        write by rank 0 once the ranks' weights are shown equal, then each rank's own commit."""
-        s, checkpoints = self.settings, self.checkpoints
-        marks: dict[int, int] | None = {}
-        if self.dlq is not None:  # the dead letters of what was learned are delivered first
-            wait = min(s.shutdown_timeout_s, s.collective_timeout_s / 2)  # the others wait meanwhile
-            marks = self.dlq.wait_delivered(self.dlq.barrier(), wait)
-        trainer = self.learner.trainer
-        own = self.partitions.to_commit()
-        mine = {
-            "offsets": [[t, p, o] for (t, p), o in own.items()],
-            "marks": {str(partition): mark for partition, mark in (marks or {}).items()},
-            "digest": digest(trainer.model.state()) if trainer is not None else "",
-            "ok": marks is not None,
-        }
-        everyone = lockstep.gather_json(mine)
-        crash_point("lockstep.gathered")
-        version = self._write_aligned(everyone) if lockstep.rank == 0 else 0
-        version = lockstep.broadcast_json(version)
-        if version < 0:
-            lockstep.lost("the weights check", RuntimeError("the ranks' weights differ"))
-        checkpoints.last_started = time.monotonic()
-        if version == 0:
-            return  # not written: the next due round tries again
-        checkpoints.dirty = False
-        checkpoints.last_written = time.time()
-        self.metrics.snapshot_version.set(version)
-        crash_point("lockstep.published")
-        if final:
-            self._commit_bounded(own)
-        else:
-            checkpoints.commit_offsets(self.consumer, own, asynchronous=True)
-
-    def _commit_bounded(self, offsets: Offsets) -> None:
-        """A last synchronous commit, given up after --shutdown-timeout-s (the snapshot has them)."""
-        commit = self.checkpoints.commit_offsets
-        timeout = self.settings.shutdown_timeout_s
-        run_bounded(
-            lambda: commit(self.consumer, offsets, asynchronous=False), timeout, "committing the offsets"
-        )
-
-    def _write_aligned(self, everyone: list[dict[str, Any]]) -> int:
-        """Rank 0: write the snapshot of a round boundary; its version, 0 when not written, -1
-        when the ranks' weights differ (which lockstep makes impossible, and this proves)."""
-        s = self.settings
-        if self.aligned_write is not None and not self.aligned_write.done():
-            log.warning("the last snapshot is still being written: none more until it is")
-            return 0
-        if not all(rank["ok"] for rank in everyone):
-            log.warning("a rank's dead letters were not delivered in time: no snapshot this time")
-            return 0
-        digests = {rank["digest"] for rank in everyone}
-        if len(digests) > 1:
-            log.error("the ranks' weights differ at a round boundary: %s", [r["digest"] for r in everyone])
-            return -1
-        offsets = dict(self.partitions.learned)
-        marks: dict[int, int] = {}
-        for rank in everyone:
-            offsets.update({(topic, partition): offset for topic, partition, offset in rank["offsets"]})
-            for partition, mark in rank["marks"].items():
-                marks[int(partition)] = max(marks.get(int(partition), 0), mark)
-        try:
-            tensors, content = self._content(offsets)
-        except SnapshotError as exc:
-            self.metrics.snapshot_failures.inc()
-            log.error("%s", exc)
-            return 0
-        world = {"size": self.world.size, "digest": digests.pop()}
-        content = content.model_copy(update={"world": world})
-        extra: dict[str, Any] = {}
-        if self.dlq is not None:
-            extra["dlq"] = DeadLetterMarks(topic=self.dlq.topic, marks=dict(sorted(marks.items())))
-        started = time.monotonic()
-        future = self.checkpoints.writer.submit(s.model_name, tensors, content, lambda: extra)
-        self.aligned_write = future
-        try:  # the other ranks wait meanwhile, for --collective-timeout-s at most
-            snapshot = future.result(timeout=min(s.shutdown_timeout_s, s.collective_timeout_s / 2))
-        except FutureTimeout:  # it may still be published: a whole snapshot, its offsets not committed
-            log.warning("snapshot not written within half --collective-timeout-s; offsets not committed")
-            return 0
-        except Exception as exc:
-            self.metrics.snapshot_failures.inc()
-            log.error("snapshot failed, offsets not committed (will retry): %s", exc)
-            return 0
-        self.metrics.snapshot_write.observe(time.monotonic() - started)
-        return snapshot.version
 
     # -- rebalancing ----------------------------------------------------------------------------
 
