@@ -17,8 +17,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from streamlearn.errors import (
     ModelNotFound,
     ModelNotReady,
@@ -32,6 +30,7 @@ from streamlearn.serve.gate import PromotionGate, Verdict
 from streamlearn.serve.numpy_forward import NumpyForward
 from streamlearn.serve.quantize import quantization, quantized
 from streamlearn.snapshots import ServingState, Snapshot, SnapshotMeta, SnapshotStore
+from streamlearn.snapshots.tensors import all_finite, unprefixed
 
 log = logging.getLogger("streamlearn.serve")
 
@@ -52,11 +51,11 @@ class ServedModel:
         if snapshot.meta.model is None:
             raise SnapshotError(f"snapshot {snapshot.model_name} v{snapshot.version} holds no model yet")
         spec = ModelSpec.from_dict(snapshot.meta.model)
-        tensors = {k[6:]: v for k, v in snapshot.tensors.items() if k.startswith("model.")}
+        tensors = unprefixed(snapshot.tensors)
         check_fits(spec, tensors)  # the weights' shapes before the model: meta.json may declare any size
         model = build_model(spec)
         model.load_state(tensors)
-        if not all(torch.isfinite(t).all() for t in model.state_dict().values()):
+        if not all_finite(model.state_dict().values()):
             raise SnapshotError(f"snapshot {snapshot.model_name} v{snapshot.version} has non-finite weights")
         model = quantized(model.eval(), quantize)
         return cls(snapshot.model_name, snapshot.version, model, snapshot.meta, NumpyForward.of(model))

@@ -29,12 +29,12 @@ from torch import Tensor
 
 from streamlearn.errors import SnapshotError
 from streamlearn.snapshots.meta import ServingState, SnapshotContent, SnapshotMeta
+from streamlearn.snapshots.tensors import MODEL_PREFIX
 
 log = logging.getLogger(__name__)
 
 META = "meta.json"
 SERVING = "serving.json"  # per model, beside its versions: pins and the promotion gate's baseline
-MODEL_PREFIX = "model."  # the tensors of the weights file; the rest are the training state
 VERSION_DIGITS = 12  # versions are zero-padded, so names sort as numbers do
 CLAIM_ATTEMPTS = 10  # writers racing for a version back off at random, 10 ms to 5 s
 CLAIM_PREFIX = ".claimed-"  # + a version's name: that number is taken for good, published or not

@@ -17,7 +17,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from torch import Tensor
 
@@ -25,6 +24,7 @@ from streamlearn.errors import SnapshotError
 from streamlearn.faults import crash_point
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.snapshots import BackgroundWriter, DeadLetterMarks, Snapshot, SnapshotContent, SnapshotStore
+from streamlearn.snapshots.tensors import all_finite
 from streamlearn.train.dlq import DeadLetterQueue
 from streamlearn.train.partitions import Key, Offsets, Partitions
 from streamlearn.train.trainer import Trainer
@@ -228,7 +228,7 @@ def snapshot_content(
     if trainer is None:  # nothing valid seen yet: the snapshot only records offsets
         return {}, SnapshotContent(records_trained=records_learned, offsets=by_topic, config=config)
     tensors, training = trainer.state()
-    if not all(_finite(t) for t in tensors.values() if t.is_floating_point()):
+    if not all_finite(tensors.values()):
         raise SnapshotError("the model has non-finite weights: no snapshot written")
     content = SnapshotContent(
         records_trained=records_learned,
@@ -239,14 +239,6 @@ def snapshot_content(
         training=training,
     )
     return tensors, content
-
-
-def _finite(tensor: Tensor) -> bool:
-    """No NaN or infinity in the tensor: its largest and smallest values are finite (a NaN makes
-    both NaN). Two reductions, without the element-wise mask isfinite() would allocate."""
-    if not tensor.numel():
-        return True
-    return bool(torch.isfinite(tensor.amax()) & torch.isfinite(tensor.amin()))
 
 
 def _normalizer_summary(trainer: Trainer) -> dict[str, Any]:

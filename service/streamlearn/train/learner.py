@@ -19,6 +19,7 @@ from streamlearn.errors import ConfigError, SnapshotMismatch
 from streamlearn.models import ModelSpec, build_model
 from streamlearn.records import FeatureKinds, FeatureSpec, LabelSpec, feature_kinds
 from streamlearn.snapshots import Snapshot, SnapshotContent
+from streamlearn.snapshots.tensors import unprefixed
 from streamlearn.train.checkpoint import snapshot_content
 from streamlearn.train.drift import DriftMonitor
 from streamlearn.train.lockstep import Reducer
@@ -162,7 +163,7 @@ class Learner:
         drift = snapshot.meta.drift or {}
         if self.drift is None or "state" not in drift:
             return
-        arrays = {k[6:]: v.numpy() for k, v in snapshot.tensors.items() if k.startswith("drift.")}
+        arrays = {k: v.numpy() for k, v in unprefixed(snapshot.tensors, "drift.").items()}
         self.drift.load_state(arrays, drift["state"])
         self.events = list(drift.get("events", []))
         if "unwatched.labels" in arrays:

@@ -17,6 +17,7 @@ from torch import Tensor
 from streamlearn.decoding import DecodedBatch
 from streamlearn.errors import ConfigError, SnapshotMismatch
 from streamlearn.models import OnlineModel
+from streamlearn.snapshots.tensors import unprefixed
 from streamlearn.train.lockstep import Reducer
 from streamlearn.train.losses import Loss, LossSettings
 from streamlearn.train.optim import Optimizers, Schedule
@@ -458,7 +459,7 @@ class Trainer:
                 f"the snapshot was learned with the optimizers {saved}, not {self.optimizer.names}: "
                 "keep --optimizer and --embedding-optimizer as they were, or use another --model-name"
             )
-        self.model.load_state({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.model.load_state(unprefixed(tensors))
         slots: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             if key.startswith("optim."):

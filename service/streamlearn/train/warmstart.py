@@ -18,6 +18,7 @@ from torch.nn import Module
 from streamlearn.errors import ConfigError, SnapshotError
 from streamlearn.models import OnlineModel
 from streamlearn.snapshots import open_store
+from streamlearn.snapshots.tensors import MODEL_PREFIX, unprefixed
 
 
 def load_source(location: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -29,8 +30,8 @@ def load_source(location: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
         except Exception as exc:  # OSError, or safetensors' own errors for a malformed file
             raise ConfigError(f"--init-from {location}: cannot read it: {exc}") from None
         origin: dict[str, Any] = {"file": location, "sha256": hashlib.sha256(data).hexdigest()}
-        if any(name.startswith("model.") for name in tensors):  # a snapshot's own weights file
-            tensors = {name[6:]: t for name, t in tensors.items() if name.startswith("model.")}
+        if any(name.startswith(MODEL_PREFIX) for name in tensors):  # a snapshot's own weights file
+            tensors = unprefixed(tensors)
         return tensors, origin
     parent, _, name = location.rstrip("/").rpartition("/")
     if not parent and location.startswith("/"):
@@ -55,7 +56,7 @@ def load_source(location: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
         "weights_sha256": snapshot.meta.weights_sha256,
         "records_trained": snapshot.meta.records_trained,
     }
-    return {k[6:]: v for k, v in snapshot.tensors.items() if k.startswith("model.")}, origin
+    return unprefixed(snapshot.tensors), origin
 
 
 def _read(location: str) -> bytes:
