@@ -76,3 +76,12 @@ def test_the_errors_a_client_reports_are_limited_too(caplog, monkeypatch):
     for port in range(10):
         kafka._log_error(KafkaError(KafkaError._TRANSPORT, f"127.0.0.1:{port}: Connection refused"))
     assert len([r for r in caplog.records if r.name == "streamlearn.kafka"]) == 1
+
+
+def test_delivery_failures_keep_each_error_and_ignore_deliveries():
+    failures = kafka.DeliveryFailures()
+    failures(None, None)
+    failures(KafkaError(KafkaError._MSG_TIMED_OUT, "timed out"), None)
+    failures(None, None)
+    failures(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"), None)
+    assert failures.errors == ["timed out", "too large"]

@@ -144,6 +144,17 @@ def make_producer(bootstrap: str, overrides: Mapping[str, str], **properties: An
     return Producer(config)
 
 
+class DeliveryFailures:
+    """A producer's on_delivery callback that keeps the error of each record it could not deliver."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def __call__(self, error: KafkaError | None, _message: Message) -> None:
+        if error is not None:
+            self.errors.append(error.str())
+
+
 def message_error(message: Message) -> KafkaError | None:
     """The error a consumed message carries, if any (a partition's end is one); fatal ones raise."""
     error = message.error()

@@ -6,7 +6,6 @@ import time
 from collections.abc import Callable
 
 import orjson
-from confluent_kafka import KafkaError, Message
 
 from streamlearn import kafka
 from streamlearn.config import ProduceSettings
@@ -26,12 +25,7 @@ def publish(settings: ProduceSettings, stopped: Callable[[], bool] = lambda: Fal
         return play(settings, stopped).labels_published
     kafka.check_reachable(settings.bootstrap, settings.kafka, settings.connect_timeout_s)
     producer = kafka.make_producer(settings.bootstrap, settings.kafka)
-    failures: list[str] = []
-
-    def delivered(error: KafkaError | None, _message: Message) -> None:
-        if error is not None:
-            failures.append(error.str())
-
+    failures = kafka.DeliveryFailures()
     source = records(settings.stream, settings.stream_seed, settings.drift_every)
     started = time.monotonic()
     sent = 0
@@ -47,17 +41,17 @@ def publish(settings: ProduceSettings, stopped: Callable[[], bool] = lambda: Fal
         else:
             value = orjson.dumps(next(source))
         try:
-            producer.produce(settings.topic, value, on_delivery=delivered)
+            producer.produce(settings.topic, value, on_delivery=failures)
         except BufferError:  # the local queue is full: let deliveries drain, then try again
             producer.poll(0.1)
             continue
         producer.poll(0)
         sent += 1
     remaining = producer.flush(30)
-    if remaining or failures:
+    if remaining or failures.errors:
         raise KafkaOperationError(
-            f"{remaining + len(failures)} of {sent} records were not delivered"
-            + (f" (first error: {failures[0]})" if failures else "")
+            f"{remaining + len(failures.errors)} of {sent} records were not delivered"
+            + (f" (first error: {failures.errors[0]})" if failures.errors else "")
         )
     log.info("published %d records to %s", sent, settings.topic)
     return sent

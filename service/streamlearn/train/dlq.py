@@ -353,12 +353,7 @@ def replay(bootstrap: str, overrides: Mapping[str, str], topic: str, to: str | N
     """Republish dead letters (original key, value and headers) to `to` or their source topic."""
     letters = read_from(bootstrap, overrides, topic, limit=limit)
     producer = kafka.make_producer(bootstrap, overrides)
-    failures: list[str] = []
-
-    def delivered(error: KafkaError | None, _message: Message) -> None:
-        if error is not None:
-            failures.append(error.str())
-
+    failures = kafka.DeliveryFailures()
     replayed = 0
     for message in letters:
         if "value" in (header(message.headers(), H_OMITTED) or ""):
@@ -375,9 +370,11 @@ def replay(bootstrap: str, overrides: Mapping[str, str], topic: str, to: str | N
         original: list[tuple[str, Any]] = [
             (str(key), value) for key, value in list(message.headers() or []) if key not in OUR_HEADERS
         ]
-        producer.produce(target, message.value(), message.key(), headers=original, on_delivery=delivered)
+        producer.produce(target, message.value(), message.key(), headers=original, on_delivery=failures)
         producer.poll(0)
         replayed += 1
-    if producer.flush(30) or failures:
-        raise KafkaOperationError(f"replay incomplete: {len(failures) or 'some'} records not delivered")
+    if producer.flush(30) or failures.errors:
+        raise KafkaOperationError(
+            f"replay incomplete: {len(failures.errors) or 'some'} records not delivered"
+        )
     return replayed
