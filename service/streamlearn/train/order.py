@@ -46,22 +46,39 @@ class Batching(Protocol[M]):
     def release(self, keys: Iterable[Key]) -> None: ...
 
 
-class OffsetBatches(Generic[M]):
-    """Batches of exactly `batch_size` records of one partition, defined by offsets (--deterministic)."""
+class _PartitionBuffers(Generic[M]):
+    """Taken messages buffered per partition in offset order, cut into batches of `batch_size`."""
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
         self._buffers: dict[Key, list[M]] = {}
+        self._next: dict[Key, int] = {}  # the offset after the last record taken
+
+    def _buffer(self, taken: Sequence[M]) -> None:
+        for message in taken:
+            topic, partition, offset = position(message)
+            self._buffers.setdefault((topic, partition), []).append(message)
+            self._next[(topic, partition)] = offset + 1
+
+    def _cut(self, key: Key) -> list[M]:
+        """The partition's next `batch_size` messages, off its buffer (none until it holds them)."""
+        buffer = self._buffers[key]
+        if len(buffer) < self.batch_size:
+            return []
+        batch = buffer[: self.batch_size]
+        del buffer[: self.batch_size]
+        return batch
+
+
+class OffsetBatches(_PartitionBuffers[M]):
+    """Batches of exactly `batch_size` records of one partition, defined by offsets (--deterministic)."""
 
     def batches(self, taken: Sequence[M], backlog: bool = False) -> list[list[M]]:
-        for message in taken:
-            topic, partition, _ = position(message)
-            self._buffers.setdefault((topic, partition), []).append(message)
+        self._buffer(taken)
         batches = []
-        for buffer in self._buffers.values():
-            while len(buffer) >= self.batch_size:
-                batches.append(buffer[: self.batch_size])
-                del buffer[: self.batch_size]
+        for key in self._buffers:
+            while batch := self._cut(key):
+                batches.append(batch)
         return batches
 
     def release(self, keys: Iterable[Key]) -> None:
@@ -70,7 +87,7 @@ class OffsetBatches(Generic[M]):
             self._buffers.pop(key, None)
 
 
-class PartitionRounds(Generic[M]):
+class PartitionRounds(_PartitionBuffers[M]):
     """--deterministic with many ranks: round k of a rank holds the k-th `batch_size` records of
     each partition it owns, in partition order, so a round is a function of the records alone.
 
@@ -79,10 +96,8 @@ class PartitionRounds(Generic[M]):
     """
 
     def __init__(self, batch_size: int) -> None:
-        self.batch_size = batch_size
-        self._buffers: dict[Key, list[M]] = {}
+        super().__init__(batch_size)
         self._ends: dict[Key, int] = {}  # where each partition's end was reported
-        self._next: dict[Key, int] = {}  # the offset after the last record taken
         self._paused: set[Key] = set()
 
     def assigned(self, keys: Iterable[Key]) -> None:
@@ -91,10 +106,7 @@ class PartitionRounds(Generic[M]):
 
     def batches(self, taken: Sequence[M], backlog: bool = False) -> list[list[M]]:
         """Buffer the taken messages; rounds are taken with take(), never as loose batches."""
-        for message in taken:
-            topic, partition, offset = position(message)
-            self._buffers.setdefault((topic, partition), []).append(message)
-            self._next[(topic, partition)] = offset + 1
+        self._buffer(taken)
         return []
 
     def reached_end(self, key: Key, offset: int) -> None:
@@ -111,10 +123,7 @@ class PartitionRounds(Generic[M]):
         """The next round's records: the next `batch_size` of each partition that has them."""
         records: list[M] = []
         for key in sorted(self._buffers):
-            buffer = self._buffers[key]
-            if len(buffer) >= self.batch_size:
-                records += buffer[: self.batch_size]
-                del buffer[: self.batch_size]
+            records += self._cut(key)
         return records
 
     def release(self, keys: Iterable[Key]) -> None:
