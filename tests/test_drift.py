@@ -1,6 +1,7 @@
 """Drift detectors at default settings, checked on streams with known drift points."""
 
 import itertools
+import json
 
 import numpy as np
 import orjson
@@ -90,3 +91,40 @@ def test_concept_drift_in_the_sea_stream_is_caught_after_the_switch_and_not_befo
     warm = 3_000  # the first concept is being learned until about here: a falling error is no drift
     assert not [d for d in detections if warm < d[0] <= 10_000], detections
     assert [d for d in detections if 10_000 < d[0] <= 10_000 + 2_000], detections
+
+
+def _drift_monitor() -> DriftMonitor:
+    slots = np.array([0, 0, 1])  # three category slots: two of feature "m", one of "t"
+    return DriftMonitor(["a", "b"], "binary", window=400, categories=(("m", "t"), slots, 64))
+
+
+def _drift_batch(rng: np.random.Generator, shift: float) -> tuple[np.ndarray, ...]:
+    n = 50  # a histogram bins 100 records at once and warms up on 400: 17 batches leave 50 pending
+    features = rng.normal(shift, 1.0, (n, 2))
+    labels = (rng.random(n) < 0.3 + shift / 10).astype(np.float32)
+    errors = (rng.random(n) < 0.2).astype(np.float32)
+    categories = rng.integers(-1, 40 + int(10 * shift), (n, 3))
+    return features, labels, errors, categories
+
+
+def test_drift_state_restores_the_histograms_mid_window_and_detects_as_if_never_stopped() -> None:
+    rng = np.random.default_rng(7)
+    batches = [_drift_batch(rng, 0.0 if i < 15 else 2.0) for i in range(40)]
+    first = _drift_monitor()
+    for batch in batches[:17]:  # past the warm-up, with records pending in both histograms
+        first.update(*batch)
+    arrays, meta = first.state()
+    assert {k for k in arrays if k.startswith(("features.", "categories."))} == {
+        "features.edges", "features.reference", "features.recent", "features.pending",
+        "categories.seen", "categories.unseen", "categories.rows", "categories.reference",
+        "categories.recent", "categories.pending",
+    }  # fmt: skip
+    second = _drift_monitor()
+    second.load_state({k: v.copy() for k, v in arrays.items()}, json.loads(json.dumps(meta)))
+    for batch in batches[17:]:
+        one, two = first.update(*batch), second.update(*batch)
+        assert one == two
+    assert first.detections == second.detections and first.detections.get("feature_psi", 0) > 0
+    after_one, after_two = first.state()[0], second.state()[0]
+    assert after_one.keys() == after_two.keys()
+    assert all(np.array_equal(after_one[k], after_two[k]) for k in after_one)
