@@ -1,9 +1,8 @@
 """The prediction log: every prediction the server answers, published to Kafka for the label join.
 
 One message per predicted instance, keyed by its prediction id (so that the labels topic, keyed
-the same way, puts an id's label in the same partition), valued by JSON:
-{"id", "ts" (the server's receive time, epoch ms), "model", "version", "features" (as the model
-used them, in the record contract's form), "prediction", "probabilities"?}.
+the same way, puts an id's label in the same partition), valued by the JSON of a PredictionEntry
+(logentry.py, which the label join parses back).
 
 Logging never slows or fails a request: the request hands its predictions over in O(1) to a
 bounded queue, and a thread of its own encodes and produces them. A full queue, or a broker
@@ -22,15 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 import xxhash
 from confluent_kafka import KafkaError, Producer
 
 from streamlearn import kafka
+from streamlearn.logentry import PredictionEntry
 
 log = logging.getLogger(__name__)
 
-MAX_ID_CHARS = 256
 DRAIN_EVERY_S = 0.02  # how often the log's thread takes what requests handed over
 HASH_SPACE = 2**64
 
@@ -138,17 +136,16 @@ class PredictionLog:
             if not served.logged[i]:
                 continue
             try:
-                entry: dict[str, Any] = {
-                    "id": prediction_id,
-                    "ts": served.received_ms,
-                    "model": served.model,
-                    "version": served.version,
-                    "features": served.features[i],
-                    "prediction": served.predictions[i],
-                }
-                if served.probabilities is not None:
-                    entry["probabilities"] = served.probabilities[i]
-                value = orjson.dumps(entry, option=orjson.OPT_SERIALIZE_NUMPY)
+                probabilities = None if served.probabilities is None else served.probabilities[i]
+                value = PredictionEntry(
+                    prediction_id,
+                    served.received_ms,
+                    served.model,
+                    served.version,
+                    served.features[i],
+                    served.predictions[i],
+                    probabilities,
+                ).encode()
                 self._producer.produce(
                     self.topic, key=prediction_id.encode(), value=value, on_delivery=self._delivered
                 )

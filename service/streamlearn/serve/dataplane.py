@@ -31,9 +31,10 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 
 from streamlearn.errors import BadRequest, InvalidRecord, MalformedBody, ModelNotFound, UnsupportedMediaType
+from streamlearn.logentry import MAX_ID_CHARS
 from streamlearn.metrics import ServerMetrics
 from streamlearn.models import Prediction
-from streamlearn.predictionlog import MAX_ID_CHARS, PredictionLog, Served, now_ms, prediction_ids, sampled
+from streamlearn.predictionlog import PredictionLog, Served, now_ms, prediction_ids, sampled
 from streamlearn.serve import v2_tensors
 from streamlearn.serve.registry import ModelRegistry, ServedModel
 

@@ -1,11 +1,11 @@
 """A joined example as a record to learn, and the contract of the join's two topics.
 
 JoinedRecord is what the label join hands the pipeline: the logged features with the label, in
-the record contract's JSON, handled like a consumed message. parsed/join_id/join_ts read the
-fields both topics share; fingerprint tells whether two runs learned the same pairs.
+the record contract's JSON, handled like a consumed message. parsed reads a message of either
+topic as JSON (logentry.py then reads its fields); fingerprint tells whether two runs learned the
+same pairs.
 """
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,9 +16,7 @@ import xxhash
 from streamlearn.decoding import parse_json
 from streamlearn.errors import InvalidReason, InvalidRecord
 
-MAX_ID_CHARS = 256  # as the server's prediction ids
 FINGERPRINT_SPACE = 2**64
-MAX_TS = 2**53  # epoch ms far beyond any real time, still exact in a float
 
 
 @dataclass
@@ -86,21 +84,3 @@ def parsed(value: bytes | None, max_bytes: int) -> dict[str, Any]:
         detail = "value holds an integer beyond 64 bits, a lone surrogate or too deep a nesting"
         raise InvalidRecord(InvalidReason.BAD_JSON, detail) from None
     return entry
-
-
-def join_id(entry: dict[str, Any]) -> str:
-    key = entry.get("id")
-    if not isinstance(key, str) or not 0 < len(key) <= MAX_ID_CHARS:
-        detail = f"id must be a string of 1 to {MAX_ID_CHARS} characters"
-        raise InvalidRecord(InvalidReason.BAD_JOIN_FIELD, detail)
-    return key
-
-
-def join_ts(entry: dict[str, Any]) -> int:
-    ts = entry.get("ts")
-    if isinstance(ts, float) and math.isfinite(ts) and ts.is_integer():
-        ts = int(ts)
-    if not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts < MAX_TS:
-        detail = "ts must be epoch milliseconds (a non-negative integer)"
-        raise InvalidRecord(InvalidReason.BAD_JOIN_FIELD, detail)
-    return ts

@@ -35,17 +35,10 @@ import orjson
 
 from streamlearn.decoding import Rejected
 from streamlearn.errors import InvalidReason, InvalidRecord
+from streamlearn.logentry import PredictionEntry, join_id, join_ts
 from streamlearn.records import LabelSpec, fits_float32
 from streamlearn.train.join import OUTCOMES, Joined, Label, Logged, PartitionJoin
-from streamlearn.train.joinrecord import (
-    FINGERPRINT_SPACE,
-    MAX_TS,
-    JoinedRecord,
-    fingerprint,
-    join_id,
-    join_ts,
-    parsed,
-)
+from streamlearn.train.joinrecord import FINGERPRINT_SPACE, JoinedRecord, fingerprint, parsed
 from streamlearn.train.partitions import Consumed, Key, position
 
 log = logging.getLogger(__name__)
@@ -351,23 +344,17 @@ class LabelJoin:
 
     def _logged(self, value: bytes | None, offset: int) -> Logged | None:
         """A prediction-log entry, or None when it was logged for another model."""
-        entry = parsed(value, self.max_record_bytes)
-        key, ts = join_id(entry), self._ts(entry)
-        model = entry.get("model")
-        if model is not None and model != self.model_name:
+        entry = PredictionEntry.parse(parsed(value, self.max_record_bytes), self.model_name, self._ahead)
+        if entry is None:
             return None
-        features = entry.get("features")
-        if features is None:
-            raise InvalidRecord(InvalidReason.MISSING_FEATURES, "the logged prediction has no features")
-        version = entry.get("version", 0)
-        if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < MAX_TS:
-            raise InvalidRecord(InvalidReason.BAD_JOIN_FIELD, "version must be a non-negative integer")
         size = len(value or b"")
-        return Logged(key, ts, features, version, entry.get("prediction"), offset=offset, size=size)
+        return Logged(
+            entry.id, entry.ts, entry.features, entry.version, entry.prediction, offset=offset, size=size
+        )
 
     def _label(self, value: bytes | None) -> Label:
         entry = parsed(value, self.max_record_bytes)
-        key, ts = join_id(entry), self._ts(entry)
+        key, ts = join_id(entry), self._ahead(join_ts(entry))
         label = entry.get("label")
         self.labels.value(label)  # refused here, with its reason, rather than once joined
         weight = entry.get("weight", 1.0)
@@ -380,9 +367,8 @@ class LabelJoin:
             raise InvalidRecord(InvalidReason.BAD_WEIGHT, "weight must be a finite number >= 0 (float32)")
         return Label(key, ts, label, float(weight), size=len(value or b""))
 
-    def _ts(self, entry: dict[str, Any]) -> int:
-        """The entry's ts, refused when far in the future: it would carry the join's clock along."""
-        ts = join_ts(entry)
+    def _ahead(self, ts: int) -> int:
+        """The ts, refused when far in the future: it would carry the join's clock along."""
         ahead = ts - self.now_ms()
         if ahead > self.max_skew_ms:
             detail = (
