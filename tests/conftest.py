@@ -43,6 +43,31 @@ def concept_batch(n: int, task: str = "binary", n_features: int = 3, seed: int =
     return DecodedBatch(features, labels, np.ones(n, dtype=np.float32))
 
 
+# Subprocesses the tests start run in a temporary directory (below): a relative PYTHONPATH
+# (PYTHONPATH=service) must still name the code under test there.
+if os.environ.get("PYTHONPATH"):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        os.path.abspath(entry) for entry in os.environ["PYTHONPATH"].split(os.pathsep) if entry
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_elsewhere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Session and module fixtures (servers, brokers) run outside the checkout too."""
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _hermetic(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test, and every command it starts, runs in its own empty directory (not its tmp_path,
+    which it may list): defaults relative to the working directory (snapshots/, .streamlearn/) are
+    never the checkout's, nor another test's."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture
 def make_trainer() -> Callable[..., Trainer]:
     def factory(

@@ -286,15 +286,16 @@ def _joined_all(store: LocalSnapshotStore, totals: dict[str, int]):
     return snapshot if snapshot is not None and joined_through(snapshot, totals) else None
 
 
-def test_topics_partitioned_differently_are_refused_in_one_line(bootstrap):
+def test_topics_partitioned_differently_are_refused_in_one_line(bootstrap, tmp_path):
     base = f"mismatch-{random.randrange(16**8):08x}"
     kafka.ensure_topic(bootstrap, {}, f"{base}.p", partitions=2)
     kafka.ensure_topic(bootstrap, {}, f"{base}.l", partitions=3)
     command = [
         sys.executable, "-m", "streamlearn", "train", "--bootstrap", bootstrap, "--task", "binary",
         "--labels-topic", f"{base}.l", "--prediction-log-topic", f"{base}.p",
+        "--snapshot-dir", str(tmp_path / "snapshots"),  # never a model the checkout holds (make demo's)
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "2 partitions" in lines[0] and "has 3" in lines[0], result.stderr
