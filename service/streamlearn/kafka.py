@@ -12,7 +12,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streamlearn.errors import BrokerUnavailable, KafkaOperationError
+from streamlearn.errors import BrokerUnavailable, ConfigError, KafkaOperationError
 from streamlearn.logfilter import RateLimitFilter
 
 log = logging.getLogger(__name__)
@@ -155,13 +155,28 @@ class DeliveryFailures:
             self.errors.append(error.str())
 
 
-def message_error(message: Message) -> KafkaError | None:
-    """The error a consumed message carries, if any (a partition's end is one); fatal ones raise."""
+# Errors joining the consumer group that no retry ends: librdkafka reports them as non-fatal and
+# retries every few seconds forever, so a consumer of that group would learn nothing, silently.
+GROUP_REFUSALS = {
+    KafkaError.INCONSISTENT_GROUP_PROTOCOL: "is used by members with another partition assignment"
+    " strategy (a trainer with --labels-topic uses range, one without cooperative-sticky):"
+    " give this trainer its own --group",
+    KafkaError.INVALID_GROUP_ID: "is not a valid group id: choose another --group",
+    KafkaError.GROUP_AUTHORIZATION_FAILED: "may not be joined with these Kafka credentials:"
+    " grant them the group, or choose another --group",
+}
+
+
+def message_error(message: Message, group: str | None = None) -> KafkaError | None:
+    """The error a consumed message carries, if any (a partition's end is one); fatal ones raise,
+    and so do the errors of joining `group` that retrying cannot end (ConfigError: what to do)."""
     error = message.error()
     if error is None:
         return None
     if error.fatal():
         raise KafkaOperationError(f"fatal Kafka error: {error.str()}")
+    if group is not None and error.code() in GROUP_REFUSALS:
+        raise ConfigError(f"consumer group {group!r} {GROUP_REFUSALS[error.code()]} ({error.str()})")
     return error
 
 

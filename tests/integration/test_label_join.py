@@ -301,6 +301,30 @@ def test_topics_partitioned_differently_are_refused_in_one_line(bootstrap, tmp_p
     assert len(lines) == 1 and "2 partitions" in lines[0] and "has 3" in lines[0], result.stderr
 
 
+def test_a_joining_trainer_in_a_plain_trainers_group_exits_in_one_line(bootstrap, tmp_path):
+    base = f"regroup-{random.randrange(16**8):08x}"
+    for topic in (f"{base}.p", f"{base}.l"):
+        kafka.ensure_topic(bootstrap, {}, topic, partitions=1)
+    # the plain trainer it replaces, still a member: the cooperative-sticky assignor, as it uses
+    plain = kafka.make_consumer(bootstrap, {}, base, "earliest", assignor="cooperative-sticky")
+    assigned = []
+    plain.subscribe([f"{base}.p"], on_assign=lambda _c, partitions: assigned.extend(partitions))
+    try:
+        wait_for(lambda: plain.poll(0.1) is None and assigned, 30, what="the plain consumer's assignment")
+        command = [
+            sys.executable, "-m", "streamlearn", "train", "--bootstrap", bootstrap, "--task", "binary",
+            "--group", base, "--labels-topic", f"{base}.l", "--prediction-log-topic", f"{base}.p",
+            "--snapshot-dir", str(tmp_path / "snapshots"), "--log-level", "warning",
+        ]  # fmt: skip
+        # waits for the exit; before, it retried the join every few seconds, forever
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    finally:
+        plain.close()
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"consumer group '{base}'" in lines[0] and "--group" in lines[0], result.stderr
+
+
 @pytest.mark.parametrize("missing", ["labels"])
 def test_a_missing_topic_is_created_with_the_partitions_of_the_other(bootstrap, start_trainer, missing):
     base = f"create-{random.randrange(16**8):08x}"

@@ -373,7 +373,7 @@ class Pipeline:
         """Hand polled messages to learning, each once, from owned partitions only, oldest first."""
         readable = []
         for message in messages:
-            error = kafka.message_error(message)
+            error = kafka.message_error(message, self.settings.group)  # a refused group raises
             if error is None:
                 readable.append(message)
             elif error.code() == KafkaError._PARTITION_EOF:
