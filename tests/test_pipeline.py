@@ -140,7 +140,7 @@ def test_scores_of_a_snapshot_that_held_an_infinite_loss_load_afresh():
 
 
 def test_a_batch_whose_learning_fails_stops_the_trainer_and_nothing_after_it_counts(pipeline, monkeypatch):
-    learn = pipeline._learn_isolating
+    learn = pipeline.isolator.learn
     calls = []
 
     def failing_first(messages, decoded=None):
@@ -149,7 +149,7 @@ def test_a_batch_whose_learning_fails_stops_the_trainer_and_nothing_after_it_cou
             raise RuntimeError("the device is gone")
         return learn(messages, decoded)
 
-    monkeypatch.setattr(pipeline, "_learn_isolating", failing_first)
+    monkeypatch.setattr(pipeline.isolator, "learn", failing_first)
     with pytest.raises(RuntimeError, match="device is gone"):
         pipeline.process(records(512))  # two micro-batches handed over; the first fails
         pipeline.settle()

@@ -41,13 +41,14 @@ from streamlearn import kafka
 from streamlearn.announcements import COMPACTED, Announcement, Announcer
 from streamlearn.config import TrainSettings
 from streamlearn.decoding import DecodedBatch, RecordDecoder, Rejected
-from streamlearn.errors import ConfigError, InvalidReason
+from streamlearn.errors import ConfigError
 from streamlearn.metrics import TrainerMetrics
 from streamlearn.records import FeatureSpec, LabelSpec, feature_kinds
 from streamlearn.snapshots import Snapshot, SnapshotContent, open_store
 from streamlearn.train.aligned import AlignedCheckpointer
 from streamlearn.train.checkpoint import Checkpointer, run_bounded
 from streamlearn.train.dlq import DeadLetterQueue, Source, already_dead_lettered
+from streamlearn.train.isolate import Isolator
 from streamlearn.train.joinlog import reread
 from streamlearn.train.labeljoin import LabelJoin
 from streamlearn.train.learner import Learner
@@ -62,7 +63,6 @@ log = logging.getLogger("streamlearn.train")
 
 # More unforeseen exceptions in a row than this is no poison record but a broken trainer (a bug
 # hit by every record, a failed device): the trainer stops rather than dead-letter the stream.
-MAX_INTERNAL_ERRORS = 1000
 MAX_IN_FLIGHT = 2  # micro-batches handed to the learning thread and not yet learned
 JOIN_STATE = "join.state"  # the label join's state, as JSON bytes, in the snapshot's training file
 
@@ -132,6 +132,14 @@ class Pipeline:
             learning = Telemetry(TrainerMetrics(CollectorRegistry()), s.drift_per_feature)
         reducer = self.lockstep.reducer if self.lockstep is not None else None
         self.learner = Learner(s, labels, self.device, learning, reducer)
+        joined = self.join.learned_records if self.join is not None else None  # told what was learned
+        self.isolator: Isolator[Message] = Isolator(
+            self.decoder.decode,
+            self._learn_valid,
+            self._reject,
+            joined,  # type: ignore[arg-type]
+            self.telemetry.limited,
+        )
         self.learning = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learn")
         # micro-batches handed over: the messages, their learning, whether it moves their offsets
         self.in_flight: deque[tuple[Sequence[Message], Future[None], bool]] = deque()
@@ -146,7 +154,6 @@ class Pipeline:
         self.consumer: Consumer | None = None
         watermarks = fetched_watermarks(s.bootstrap, s.kafka, s.connect_timeout_s)
         self.resume = ResumeGuard(s.on_offset_out_of_range, metrics, watermarks)
-        self.internal_errors = 0  # unforeseen exceptions in a row, while isolating their records
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -474,7 +481,7 @@ class Pipeline:
         """The learning thread's work for a handed-over micro-batch."""
         with self.waiting_lock:
             self.waiting -= 1
-        self._learn_isolating(messages, decoded)
+        self.isolator.learn(messages, decoded)
 
     def _pressed(self) -> bool:
         """The step policy's cue: another micro-batch waits for the learning thread, or the last
@@ -483,60 +490,10 @@ class Pipeline:
             return self.agreed.pressed
         return self.waiting > 0 or self.backlog
 
-    def _learn_isolating(self, messages: Sequence[Message], decoded: DecodedBatch | None = None) -> None:
-        """Learn the records (decoding them unless `decoded`); dead-letter the invalid ones.
-
-        A bug of ours must never turn one record into an outage: a batch whose decoding or
-        learning raises an exception nobody foresaw is bisected until the record that raises is
-        found, and that record is dead-lettered as internal_error; the others are learned. So is
-        a batch holding a record whose loss or gradient is not finite; records learned before
-        the step that met it stay learned, and only the rest is bisected.
-        """
-        try:
-            batch = decoded if decoded is not None else self.decoder.decode([m.value() for m in messages])
-            learned = 0
-            if len(batch):
-                assert self.decoder.features is not None  # fixed by the first valid record
-                learned = self.learner.learn(batch, self.decoder.features, self._pressed)
-            rejected = batch.rejected
-        except ConfigError:
-            raise  # a setting that cannot work (--init-from of another shape) is no record's fault
-        except Exception as exc:
-            self.internal_errors += 1
-            if self.internal_errors > MAX_INTERNAL_ERRORS:  # not one record: the code or the device
-                raise
-            if len(messages) == 1:
-                self.telemetry.limited.log(
-                    logging.ERROR, f"internal-{type(exc).__name__}", "learning a record failed", exc_info=exc
-                )
-                detail = f"{type(exc).__name__}: {exc}"[:300]
-                self._reject(messages[0], Rejected(0, InvalidReason.INTERNAL_ERROR, detail))
-                return
-            rejected, learned = [], 0  # any record may be the one
-        # valid records are learned in message order: `cut` is the message of the first one not learned
-        every = learned == len(messages) - len(rejected)
-        refused = {r.index for r in rejected}
-        cut = len(messages) if every else _message_of_row(len(messages), refused, learned)
-        if cut == len(messages):
-            self.internal_errors = 0
-        if self.join is not None:
-            done = [m for i, m in enumerate(messages[:cut]) if i not in refused]
-            self.join.learned_records(done)  # type: ignore[arg-type]
-        for r in rejected:  # sent once the records before them went through, so never twice
-            if r.index < cut:
-                self._reject(messages[r.index], r)
-        rest = messages[cut:]
-        if not rest:
-            return
-        if learned > 0:  # progress: the records not learned are tried again as a batch of their own
-            self._learn_isolating(rest)
-        elif len(rest) == 1:
-            detail = "the loss or gradient is not finite for this record"
-            self._reject(rest[0], Rejected(0, InvalidReason.NON_FINITE, detail))
-        else:  # nothing learned: find the record responsible
-            middle = len(rest) // 2
-            self._learn_isolating(rest[:middle])
-            self._learn_isolating(rest[middle:])
+    def _learn_valid(self, batch: DecodedBatch) -> int:
+        """Learn a decoded batch's valid records; how many were learned before a step met a non-finite."""
+        assert self.decoder.features is not None  # fixed by the first valid record
+        return self.learner.learn(batch, self.decoder.features, self._pressed)
 
     def _reject(self, message: Message, rejected: Rejected) -> None:
         if isinstance(message, Shared):  # another rank's record: that rank reports it
@@ -578,7 +535,7 @@ class Pipeline:
         if not records:
             return
         before = self.records_learned
-        self._learn_isolating(records)  # type: ignore[arg-type]
+        self.isolator.learn(records)  # type: ignore[arg-type]
         steps = self.learner.trainer.steps if self.learner.trainer is not None else 0
         lockstep.same("learning a round", self.records_learned - before, steps)
         self.partitions.learned_through(mine)
@@ -649,18 +606,6 @@ def _cores() -> int:
     """The cores this process may run on (all of the machine's where the OS does not say)."""
     affinity = getattr(os, "sched_getaffinity", None)
     return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
-
-
-def _message_of_row(n_messages: int, rejected: set[int], row: int) -> int:
-    """The index of the message holding valid row `row` (n_messages when there is no such row)."""
-    seen = 0
-    for index in range(n_messages):
-        if index in rejected:
-            continue
-        if seen == row:
-            return index
-        seen += 1
-    return n_messages
 
 
 def _wall_ms() -> float:
